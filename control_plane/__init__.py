@@ -1,0 +1,1 @@
+"""hotpath: session-affinity gateway for LLM model servers (xDS control plane)."""

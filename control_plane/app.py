@@ -1,0 +1,142 @@
+"""The control plane process: etcd follower -> translate -> snapshot -> ADS, plus upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+from control_plane.model import Config, GatewaySettings
+from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
+from control_plane.state import ConfigState
+from control_plane.store.etcd import EtcdFollower, EtcdSettings
+from control_plane.xds.server import AdsServicer, start_xds_server
+
+log = logging.getLogger(__name__)
+
+# Statuses go stale and DNS answers change without an etcd write: rebuild this often.
+UPKEEP_INTERVAL_S = 2.0
+DNS_REFRESH_S = 30.0
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    xds_address: str = "127.0.0.1:18000"
+
+
+class Resolver:
+    """Hostname -> IPv4 for EDS, which takes only IPs. Failures are logged once."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self._resolved_at: dict[str, float] = {}
+        self._failed: set[str] = set()
+
+    def due(self, config: Config, now: float) -> set[str]:
+        hosts = {
+            e.address for pool in config.endpoints.values() for e in pool.values() if not e.is_ip
+        }
+        return {h for h in hosts if now - self._resolved_at.get(h, -DNS_REFRESH_S) >= DNS_REFRESH_S}
+
+    async def resolve(self, host: str) -> bool:
+        """Resolve one host; True when its answer changed."""
+        self._resolved_at[host] = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, None, family=socket.AF_INET,
+                                           type=socket.SOCK_STREAM)
+        except OSError as exc:
+            if host not in self._failed:
+                self._failed.add(host)
+                log.warning("cannot resolve endpoint host %s (%s); left out of EDS", host, exc)
+            return False
+        self._failed.discard(host)
+        ip = str(infos[0][4][0])
+        changed = self.answers.get(host) != ip
+        self.answers[host] = ip
+        return changed
+
+    def resolved(self, config: Config) -> dict[tuple[str, str], str]:
+        result = {}
+        for pool, endpoints in config.endpoints.items():
+            for endpoint_id, endpoint in endpoints.items():
+                ip = endpoint.address if endpoint.is_ip else self.answers.get(endpoint.address)
+                if ip is not None:
+                    result[(pool, endpoint_id)] = ip
+        return result
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self.state = ConfigState()
+        self.servicer = AdsServicer()
+        self.builder = SnapshotBuilder()
+        self.resolver = Resolver()
+        self.follower = EtcdFollower(settings.etcd, self.state, self.rebuild)
+        self.xds_port = 0
+        self._dns_tasks: set[asyncio.Task[None]] = set()
+
+    def rebuild(self, revision: int | None = None) -> None:
+        """Translate the current config; publish only when the snapshot changed."""
+        if not self.follower.synced_revision:
+            return  # never publish before the first full read of etcd
+        config = self.state.config()
+        self._resolve_due(config)
+        resources = translate(config, self.resolver.resolved(config), self.settings.gateway,
+                              time.time())
+        try:
+            snapshot = self.builder.update(resources, revision or self.state.revision)
+        except InconsistentSnapshot as exc:
+            log.error("refusing inconsistent snapshot: %s", exc)
+            return
+        if snapshot is not None:
+            log.info(
+                "config revision %d: %d pool(s), %d endpoint(s); pushing %s",
+                self.state.revision, len(config.pools),
+                sum(len(e) for e in config.endpoints.values()),
+                ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in snapshot.versions.items()),
+            )
+            self.servicer.publish(snapshot)
+
+    def _resolve_due(self, config: Config) -> None:
+        for host in self.resolver.due(config, time.monotonic()):
+            task = asyncio.get_running_loop().create_task(self._resolve(host))
+            self._dns_tasks.add(task)
+            task.add_done_callback(self._dns_tasks.discard)
+
+    async def _resolve(self, host: str) -> None:
+        if await self.resolver.resolve(host):
+            self.rebuild()
+
+    async def _upkeep(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_INTERVAL_S)
+            self.rebuild()
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address)
+        log.info("xDS (ADS) listening on %s", self.settings.xds_address.rsplit(":", 1)[0]
+                 + f":{self.xds_port}")
+        tasks = [
+            asyncio.create_task(self.follower.run(), name="etcd-follower"),
+            asyncio.create_task(self._upkeep(), name="upkeep"),
+        ]
+        if ready is not None:
+            ready.set()
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.stop(grace=1.0)
+
+
+async def run_control_plane(settings: ControlPlaneSettings) -> None:
+    await ControlPlane(settings).serve()
+

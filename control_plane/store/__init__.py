@@ -1,0 +1,1 @@
+"""Config stores: etcd (production) and in-memory (unit tests)."""

@@ -1,0 +1,1 @@
+"""ADS: the sans-IO stream protocol and its grpc.aio server."""

@@ -1,0 +1,55 @@
+-- Envoy entry points. The control plane inlines this after lua/hotpath.lua (as HOTPATH) and
+-- the rendered config (as HOTPATH_CONFIG); every decision is made in HOTPATH.decide.
+local METADATA_NS = "envoy.filters.http.lua"
+-- respond() replies pass through the connection manager's local_reply_config; its mappers
+-- skip requests carrying this header, so the OpenAI-shaped body goes out unchanged.
+local LUA_REPLY_HEADER = "x-hotpath-lua-reply"
+local INTERNAL_HEADERS = { "x-hotpath-model", "x-hotpath-session", LUA_REPLY_HEADER }
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  -- Routes and the hash policy trust these headers: drop any client-sent copy.
+  local spoofed = false
+  for _, name in ipairs(INTERNAL_HEADERS) do
+    if headers:get(name) then
+      headers:remove(name)
+      spoofed = true
+    end
+  end
+  local method, path = headers:get(":method"), headers:get(":path")
+  local body
+  if HOTPATH.needs_body(method, path) then
+    local buffered = handle:body() -- nil when the request has no body
+    body = buffered and buffered:getBytes(0, buffered:length()) or ""
+    -- body() yields: header objects taken before it raise "object used outside of proper
+    -- scope" afterwards.
+    headers = handle:headers()
+  end
+  local result = HOTPATH.decide(HOTPATH_CONFIG, method, path, function(name)
+    return headers:get(name)
+  end, body)
+  if result and result.status then
+    headers:replace(LUA_REPLY_HEADER, "1")
+    handle:respond({ [":status"] = tostring(result.status), ["content-type"] = "application/json" },
+      result.json)
+    return
+  end
+  if result then
+    headers:replace("x-hotpath-model", result.model)
+    headers:replace("x-hotpath-session", result.session)
+    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session", result.session)
+  end
+  -- The route was picked and cached before this filter ran, from the original headers. The
+  -- filter's clear_route_cache option (on by default) also clears it on header changes; this
+  -- call keeps routing right when that option is off.
+  if result or spoofed then
+    handle:clearRouteCache()
+  end
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get(METADATA_NS)
+  if meta and meta.session then
+    handle:headers():replace("x-session-id", meta.session)
+  end
+end

@@ -1,0 +1,611 @@
+-- hotpath request logic for the Envoy Lua filter: pure functions, no Envoy API calls, so it
+-- runs unchanged under Envoy's LuaJIT and under lupa in the unit tests. Lua 5.1 semantics;
+-- `bit` is LuaJIT's built-in library (Envoy has no JSON or hash library).
+local M = {}
+
+local band, bor, bxor = bit.band, bit.bor, bit.bxor
+local lshift, rshift, rol = bit.lshift, bit.rshift, bit.rol
+local tobit, tohex = bit.tobit, bit.tohex
+local byte, char, find, format, gsub, sub =
+  string.byte, string.char, string.find, string.format, string.gsub, string.sub
+local concat, sort = table.concat, table.sort
+local floor, min = math.floor, math.min
+
+local CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"
+local MAX_KEY_BYTES = 256
+local PROMPT_PREFIX_BYTES = 1024
+-- Python's json module fails near this depth too (RecursionError); the scanner itself is
+-- iterative, the cap only bounds its stack table.
+local MAX_DEPTH = 1000
+
+---------------------------------------------------------------------------------------------
+-- JSON scanning. The body is validated in full (RFC 8259, which is Python's json.loads with
+-- NaN/Infinity refused), but only the top-level fields that routing needs are decoded.
+-- Positions are byte indexes; a value's span is {first, stop}: stop is the index after it.
+
+local SIMPLE_ESCAPES = {
+  [34] = '"', [92] = "\\", [47] = "/", [98] = "\b", [102] = "\f", [110] = "\n", [114] = "\r",
+  [116] = "\t",
+}
+local LITERALS = { [116] = "true", [102] = "false", [110] = "null" }
+
+local function skip_ws(s, i)
+  local c = byte(s, i)
+  if c == 32 or c == 10 or c == 13 or c == 9 then
+    return find(s, "[^ \t\n\r]", i) or #s + 1
+  end
+  return i
+end
+
+-- Python's strict UTF-8 decoding: no overlongs, no surrogates, nothing above U+10FFFF.
+-- ASCII runs are skipped with find; multi-byte runs are checked byte by byte.
+local function valid_utf8(s)
+  local i = find(s, "[\128-\255]")
+  while i do
+    local c = byte(s, i)
+    if not c then
+      return true
+    end
+    if c < 128 then
+      i = find(s, "[\128-\255]", i + 1)
+    else
+      local n, lo, hi
+      if c < 0xC2 then
+        return false
+      elseif c < 0xE0 then
+        n, lo, hi = 1, 0x80, 0xBF
+      elseif c < 0xF0 then
+        n = 2
+        lo = c == 0xE0 and 0xA0 or 0x80
+        hi = c == 0xED and 0x9F or 0xBF
+      elseif c < 0xF5 then
+        n = 3
+        lo = c == 0xF0 and 0x90 or 0x80
+        hi = c == 0xF4 and 0x8F or 0xBF
+      else
+        return false
+      end
+      c = byte(s, i + 1)
+      if not c or c < lo or c > hi then
+        return false
+      end
+      for k = i + 2, i + n do
+        c = byte(s, k)
+        if not c or c < 0x80 or c > 0xBF then
+          return false
+        end
+      end
+      i = i + n + 1
+    end
+  end
+  return true
+end
+
+-- i is at the opening quote. Returns the index after the closing quote and whether the
+-- string holds escapes, or nil. String contents are skipped with find, not per byte.
+local function scan_string(s, i)
+  local escaped = false
+  i = i + 1
+  while true do
+    local j = find(s, '[%z\1-\31"\\]', i)
+    if not j then
+      return nil
+    end
+    local c = byte(s, j)
+    if c == 34 then
+      return j + 1, escaped
+    end
+    if c ~= 92 then
+      return nil -- raw control character
+    end
+    escaped = true
+    c = byte(s, j + 1)
+    if c == 117 then
+      if not find(s, "^%x%x%x%x", j + 2) then
+        return nil
+      end
+      i = j + 6
+    elseif SIMPLE_ESCAPES[c] then
+      i = j + 2
+    else
+      return nil
+    end
+  end
+end
+
+local function utf8_char(cp)
+  if cp < 0x80 then
+    return char(cp)
+  elseif cp < 0x800 then
+    return char(0xC0 + floor(cp / 64), 0x80 + cp % 64)
+  elseif cp < 0x10000 then
+    return char(0xE0 + floor(cp / 4096), 0x80 + floor(cp / 64) % 64, 0x80 + cp % 64)
+  end
+  return char(0xF0 + floor(cp / 262144), 0x80 + floor(cp / 4096) % 64,
+    0x80 + floor(cp / 64) % 64, 0x80 + cp % 64)
+end
+
+-- Decodes the contents of an already validated string literal. Surrogate pairs combine the
+-- way Python's json does; a lone surrogate becomes its 3-byte form (Python's
+-- .encode("utf-8", "surrogatepass")). With limit, decodes only about that many bytes: every
+-- escape yields at least 1 byte per 6 source bytes, so 6 * limit + 12 source bytes suffice
+-- and no escape is cut.
+local function decode_string(s, first, stop, escaped, limit)
+  local last = stop - 2
+  if limit then
+    last = min(last, first + 6 * limit + 12)
+  end
+  local raw = sub(s, first + 1, last)
+  if not escaped then
+    return limit and sub(raw, 1, limit) or raw
+  end
+  local out, n, size, i = {}, 0, 0, 1
+  while true do
+    local j = find(raw, "\\", i, true)
+    if not j then
+      out[n + 1] = sub(raw, i)
+      break
+    end
+    n = n + 1
+    out[n] = sub(raw, i, j - 1)
+    size = size + j - i
+    if limit and size >= limit then
+      break
+    end
+    local c = byte(raw, j + 1)
+    if c == 117 then
+      local cp = tonumber(sub(raw, j + 2, j + 5), 16)
+      i = j + 6
+      if cp >= 0xD800 and cp < 0xDC00 and byte(raw, i) == 92 and byte(raw, i + 1) == 117 then
+        local low = tonumber(sub(raw, i + 2, i + 5), 16)
+        if low >= 0xDC00 and low < 0xE000 then
+          cp = 0x10000 + (cp - 0xD800) * 1024 + (low - 0xDC00)
+          i = i + 6
+        end
+      end
+      n = n + 1
+      out[n] = utf8_char(cp)
+      size = size + #out[n]
+    else
+      n = n + 1
+      out[n] = SIMPLE_ESCAPES[c]
+      size = size + 1
+      i = j + 2
+    end
+  end
+  local text = concat(out)
+  return limit and sub(text, 1, limit) or text
+end
+
+local function scan_number(s, i)
+  local _, e = find(s, "^-?%d+", i)
+  if not e then
+    return nil
+  end
+  local d = byte(s, i) == 45 and i + 1 or i
+  if e > d and byte(s, d) == 48 then
+    return nil -- leading zero
+  end
+  local _, f = find(s, "^%.%d+", e + 1)
+  if f then
+    e = f
+  end
+  _, f = find(s, "^[eE][-+]?%d+", e + 1)
+  if f then
+    e = f
+  end
+  return e + 1
+end
+
+-- i is at a member's opening quote; returns the index of its value (whitespace skipped).
+local function scan_member_key(s, i)
+  if byte(s, i) ~= 34 then
+    return nil
+  end
+  i = scan_string(s, i)
+  if not i then
+    return nil
+  end
+  i = skip_ws(s, i)
+  if byte(s, i) ~= 58 then
+    return nil
+  end
+  return skip_ws(s, i + 1)
+end
+
+-- Validates one JSON value starting at i (not whitespace); returns the index after it.
+-- Iterative, so deep nesting cannot overflow the Lua stack.
+local function scan_value(s, i)
+  local closers, depth = {}, 0
+  while true do
+    local c = byte(s, i)
+    local opened = false
+    if c == 34 then
+      i = scan_string(s, i)
+    elseif c == 123 or c == 91 then
+      local close = c + 2 -- '{' + 2 == '}', '[' + 2 == ']'
+      i = skip_ws(s, i + 1)
+      if byte(s, i) == close then
+        i = i + 1
+      elseif depth == MAX_DEPTH then
+        return nil
+      else
+        depth = depth + 1
+        closers[depth] = close
+        if close == 125 then
+          i = scan_member_key(s, i)
+        end
+        opened = true
+      end
+    elseif c == 45 or (c and c >= 48 and c <= 57) then
+      i = scan_number(s, i)
+    else
+      local lit = LITERALS[c]
+      if not lit or sub(s, i, i + #lit - 1) ~= lit then
+        return nil
+      end
+      i = i + #lit
+    end
+    if not i then
+      return nil
+    end
+    -- After a complete value: close containers until a separator asks for the next value.
+    while not opened do
+      if depth == 0 then
+        return i
+      end
+      i = skip_ws(s, i)
+      c = byte(s, i)
+      if c == 44 then
+        i = skip_ws(s, i + 1)
+        if closers[depth] == 125 then
+          i = scan_member_key(s, i)
+          if not i then
+            return nil
+          end
+        end
+        opened = true
+      elseif c == closers[depth] then
+        depth = depth - 1
+        i = i + 1
+      else
+        return nil
+      end
+    end
+  end
+end
+
+-- i is at '{'. Validates the object; returns the spans of the members named in `wanted`
+-- (keyed by decoded name, the last duplicate wins as in Python) and the index after it.
+local function scan_object(s, i, wanted)
+  local fields = {}
+  i = skip_ws(s, i + 1)
+  if byte(s, i) == 125 then
+    return fields, i + 1
+  end
+  while true do
+    if byte(s, i) ~= 34 then
+      return nil
+    end
+    local key_stop, escaped = scan_string(s, i)
+    if not key_stop then
+      return nil
+    end
+    local key = decode_string(s, i, key_stop, escaped)
+    i = skip_ws(s, key_stop)
+    if byte(s, i) ~= 58 then
+      return nil
+    end
+    local first = skip_ws(s, i + 1)
+    i = scan_value(s, first)
+    if not i then
+      return nil
+    end
+    if wanted[key] then
+      fields[key] = { first, i }
+    end
+    i = skip_ws(s, i)
+    local c = byte(s, i)
+    if c == 125 then
+      return fields, i + 1
+    end
+    if c ~= 44 then
+      return nil
+    end
+    i = skip_ws(s, i + 1)
+  end
+end
+
+local TOP_FIELDS = { model = true, prompt_cache_key = true, user = true, messages = true, prompt = true }
+local MESSAGE_FIELDS = { role = true, content = true }
+local PART_FIELDS = { text = true }
+
+-- Validates the whole body as one JSON object. Returns spans of the top-level fields
+-- model, prompt_cache_key, user, messages and prompt, or nil and a reason.
+function M.extract(body)
+  if not valid_utf8(body) then
+    return nil, "request body is not valid UTF-8"
+  end
+  local i = skip_ws(body, 1)
+  if byte(body, i) ~= 123 then
+    return nil, "request body must be a JSON object"
+  end
+  local fields, stop = scan_object(body, i, TOP_FIELDS)
+  if not fields or skip_ws(body, stop) <= #body then
+    return nil, "request body is not valid JSON"
+  end
+  return fields
+end
+
+-- The decoded string at span, or nil when the span is absent or not a string.
+function M.string_at(body, span, limit)
+  if not span or byte(body, span[1]) ~= 34 then
+    return nil
+  end
+  local _, escaped = scan_string(body, span[1])
+  return decode_string(body, span[1], span[2], escaped, limit)
+end
+
+-- Message content as text: a string as is; for an array of parts, the concatenated `text`
+-- of the parts that have one (so re-serialising a turn cannot change it); else "".
+local function content_text(body, span)
+  if not span then
+    return ""
+  end
+  local c = byte(body, span[1])
+  if c == 34 then
+    return M.string_at(body, span)
+  end
+  if c ~= 91 then
+    return ""
+  end
+  local texts, i = {}, skip_ws(body, span[1] + 1)
+  while byte(body, i) ~= 93 do
+    local stop
+    if byte(body, i) == 123 then
+      local part
+      part, stop = scan_object(body, i, PART_FIELDS)
+      texts[#texts + 1] = M.string_at(body, part.text)
+    else
+      stop = scan_value(body, i)
+    end
+    i = skip_ws(body, stop)
+    if byte(body, i) == 44 then
+      i = skip_ws(body, i + 1)
+    end
+  end
+  return concat(texts)
+end
+
+-- The stable prefix of a chat: the first system (or developer) message before the first
+-- user message, and that user message. Appending turns never changes either, and the walk
+-- stops at the first user message.
+function M.chat_prefix(body, span)
+  if not span or byte(body, span[1]) ~= 91 then
+    return "", ""
+  end
+  local system, i = nil, skip_ws(body, span[1] + 1)
+  while byte(body, i) ~= 93 do
+    local stop
+    if byte(body, i) == 123 then
+      local msg
+      msg, stop = scan_object(body, i, MESSAGE_FIELDS)
+      local role = M.string_at(body, msg.role)
+      if role == "user" then
+        return system or "", content_text(body, msg.content)
+      elseif not system and (role == "system" or role == "developer") then
+        system = content_text(body, msg.content)
+      end
+    else
+      stop = scan_value(body, i)
+    end
+    i = skip_ws(body, stop)
+    if byte(body, i) == 44 then
+      i = skip_ws(body, i + 1)
+    end
+  end
+  return system or "", ""
+end
+
+-- The first PROMPT_PREFIX_BYTES of a completions prompt: of the string, of the first element
+-- when that is a string, else of the prompt's raw JSON (token-id arrays).
+function M.prompt_prefix(body, span)
+  if not span then
+    return ""
+  end
+  local c = byte(body, span[1])
+  if c == 34 then
+    return M.string_at(body, span, PROMPT_PREFIX_BYTES)
+  end
+  if c == 91 then
+    local first = skip_ws(body, span[1] + 1)
+    if byte(body, first) == 34 then
+      return M.string_at(body, { first, scan_value(body, first) }, PROMPT_PREFIX_BYTES)
+    end
+  end
+  return sub(body, span[1], min(span[2] - 1, span[1] + PROMPT_PREFIX_BYTES - 1))
+end
+
+---------------------------------------------------------------------------------------------
+-- Hash: 64 bits from two independent 32-bit functions over the same little-endian words:
+-- murmur3_x86_32 (seed 0) and XXH32's short-input path (seed 0; equal to XXH32 for inputs
+-- under 16 bytes). `bit` works on signed 32-bit values; 32x32-bit products are split in
+-- 16-bit halves so that every intermediate double stays exact.
+
+local function mul32(a, hi, lo)
+  return tobit(a * lo + tobit(a * hi) * 65536)
+end
+
+local function murmur_block(k)
+  k = mul32(k, 0xcc9e, 0x2d51)
+  return mul32(rol(k, 15), 0x1b87, 0x3593)
+end
+
+-- h(s) = "h-" followed by 16 lowercase hex digits; deterministic in every LuaJIT.
+function M.hash(s)
+  local len = #s
+  local h1 = 0
+  local h2 = tobit(0x165667b1 + len) -- XXH32: seed + PRIME5 + length
+  local i, words_end = 1, len - len % 4
+  while i <= words_end do
+    local a, b, c, d = byte(s, i, i + 3)
+    local w = bor(a, lshift(b, 8), lshift(c, 16), lshift(d, 24))
+    h1 = tobit(mul32(rol(bxor(h1, murmur_block(w)), 13), 0, 5) + 0xe6546b64)
+    h2 = mul32(rol(tobit(h2 + mul32(w, 0xc2b2, 0xae3d)), 17), 0x27d4, 0xeb2f)
+    i = i + 4
+  end
+  local tail = 0
+  for k = len, i, -1 do
+    local b = byte(s, k)
+    tail = bor(lshift(tail, 8), b)
+  end
+  for k = i, len do
+    h2 = mul32(rol(tobit(h2 + mul32(byte(s, k), 0x1656, 0x67b1)), 11), 0x9e37, 0x79b1)
+  end
+  if i <= len then
+    h1 = bxor(h1, murmur_block(tail))
+  end
+  h1 = bxor(h1, len)
+  h1 = bxor(h1, rshift(h1, 16))
+  h1 = mul32(h1, 0x85eb, 0xca6b)
+  h1 = bxor(h1, rshift(h1, 13))
+  h1 = mul32(h1, 0xc2b2, 0xae35)
+  h1 = bxor(h1, rshift(h1, 16))
+  h2 = bxor(h2, rshift(h2, 15))
+  h2 = mul32(h2, 0x85eb, 0xca77)
+  h2 = bxor(h2, rshift(h2, 13))
+  h2 = mul32(h2, 0xc2b2, 0xae3d)
+  h2 = bxor(h2, rshift(h2, 16))
+  return "h-" .. tohex(h1) .. tohex(h2)
+end
+
+---------------------------------------------------------------------------------------------
+-- Session keys.
+
+-- Hash input of a list of strings; length prefixes keep the boundaries unambiguous.
+local function hash_fields(list)
+  local parts = {}
+  for k, v in ipairs(list) do
+    parts[k] = #v .. ":" .. v
+  end
+  return M.hash(concat(parts))
+end
+
+-- Client keys that are too long or hold control characters cannot go into a header as is.
+function M.sanitize_key(key)
+  if #key > MAX_KEY_BYTES or find(key, "[%z\1-\31\127]") then
+    return M.hash(key)
+  end
+  return key
+end
+
+local function present(v)
+  return v ~= nil and v ~= ""
+end
+
+-- First found: the pool's session header, body prompt_cache_key, body user, else the hash of
+-- the stable prefix.
+function M.session_key(body, fields, path, model, header_value)
+  local key = header_value
+  if not present(key) then
+    key = M.string_at(body, fields.prompt_cache_key)
+  end
+  if not present(key) then
+    key = M.string_at(body, fields.user)
+  end
+  if present(key) then
+    return M.sanitize_key(key)
+  end
+  if path == CHAT then
+    local system, user = M.chat_prefix(body, fields.messages)
+    return hash_fields({ "chat", model, system, user })
+  end
+  return hash_fields({ "completions", model, M.prompt_prefix(body, fields.prompt) })
+end
+
+---------------------------------------------------------------------------------------------
+-- Replies and the decision.
+
+local JSON_ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\" }
+for c = 0, 31 do
+  JSON_ESCAPES[char(c)] = format("\\u%04x", c)
+end
+
+local function json_string(s)
+  return '"' .. gsub(s, '[%z\1-\31"\\]', JSON_ESCAPES) .. '"'
+end
+
+local function error_reply(status, code, message)
+  local err_type = "invalid_request_error"
+  return {
+    status = status,
+    type = err_type,
+    code = code,
+    message = message,
+    json = '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(err_type)
+      .. ',"code":' .. json_string(code) .. "}}",
+  }
+end
+
+local function models_reply(config)
+  local ids = {}
+  for id in pairs(config.models) do
+    ids[#ids + 1] = id
+  end
+  sort(ids)
+  local items = {}
+  for k, id in ipairs(ids) do
+    items[k] = '{"id":' .. json_string(id) .. ',"object":"model","created":0,"owned_by":'
+      .. json_string(config.models[id].pool) .. "}"
+  end
+  return { status = 200, json = '{"object":"list","data":[' .. concat(items, ",") .. "]}" }
+end
+
+local function strip_query(path)
+  local q = find(path, "?", 1, true)
+  return q and sub(path, 1, q - 1) or path
+end
+
+-- Whether the filter must buffer the request body for decide().
+function M.needs_body(method, path)
+  path = strip_query(path or "")
+  return method == "POST" and (path == CHAT or path == COMPLETIONS)
+end
+
+-- Returns nil to pass the request through untouched; {status, json, ...} for a local reply
+-- (errors also carry type, code and message); or {model, pool, session} to route.
+-- get_header(name) returns a request header's value or nil.
+function M.decide(config, method, path, get_header, body)
+  path = strip_query(path or "")
+  if method == "GET" and path == MODELS then
+    return models_reply(config)
+  end
+  if not M.needs_body(method, path) then
+    return nil
+  end
+  body = body or ""
+  if #body > config.max_body_bytes then
+    return error_reply(413, "request_too_large",
+      "request body is over the limit of " .. config.max_body_bytes .. " bytes")
+  end
+  local fields, why = M.extract(body)
+  if not fields then
+    return error_reply(400, "invalid_json", why)
+  end
+  local model = M.string_at(body, fields.model)
+  if not present(model) then
+    return error_reply(400, "missing_model", "request body has no string field `model`")
+  end
+  local entry = config.models[model]
+  if not entry then
+    return error_reply(404, "model_not_found", "The model `" .. model .. "` does not exist")
+  end
+  local header_value = get_header(entry.session_header)
+  return {
+    model = model,
+    pool = entry.pool,
+    session = M.session_key(body, fields, path, model, header_value),
+  }
+end
+
+return M
