@@ -70,7 +70,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
     host, port = args.listen
     return await run_up(UpSettings(
         listen_host=host, listen_port=port, admin_port=args.admin_port, xds_port=args.xds_port,
-        etcd_url=args.etcd, with_sim=not args.no_sim, with_prober=not args.no_prober,
+        etcd_url=args.etcd, etcd_client_port=args.etcd_port, etcd_peer_port=args.etcd_peer_port,
+        sim_base_port=args.sim_port, with_sim=not args.no_sim, with_prober=not args.no_prober,
         data_dir=Path(args.data_dir), prefix=args.prefix,
     ))
 
@@ -209,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Envoy listener HOST:PORT (default 127.0.0.1:10000)")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
     up.add_argument("--xds-port", type=int, default=18000, help="xDS port (loopback)")
+    up.add_argument("--etcd-port", type=int, default=2379,
+                    help="embedded etcd client port (loopback; default %(default)s)")
+    up.add_argument("--etcd-peer-port", type=int, default=2380,
+                    help="embedded etcd peer port (loopback; default %(default)s)")
+    up.add_argument("--sim-port", type=int, default=8001,
+                    help="first port of the simulated GPU servers (default %(default)s)")
     up.add_argument("--data-dir", default=".hotpath", help="etcd data and logs (%(default)s)")
     up.add_argument("--no-sim", action="store_true", help="never start simulated GPU servers")
     up.add_argument("--no-prober", action="store_true", help="do not start the prober")

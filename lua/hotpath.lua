@@ -20,95 +20,98 @@ local MAX_DEPTH = 1000
 
 ---------------------------------------------------------------------------------------------
 -- JSON scanning. The body is validated in full (RFC 8259, which is Python's json.loads with
--- NaN/Infinity refused), but only the top-level fields that routing needs are decoded.
--- Positions are byte indexes; a value's span is {first, stop}: stop is the index after it.
+-- NaN/Infinity refused, on UTF-8 text), but only the top-level fields that routing needs are
+-- decoded. Positions are byte indexes; a value's span is {first, stop}: stop is the index
+-- after it. Scanning is byte loops that LuaJIT compiles (about 1-2 ns a byte): string.find
+-- with a character class runs the pattern matcher at every position, about 10x slower.
 
 local SIMPLE_ESCAPES = {
   [34] = '"', [92] = "\\", [47] = "/", [98] = "\b", [102] = "\f", [110] = "\n", [114] = "\r",
   [116] = "\t",
 }
 local LITERALS = { [116] = "true", [102] = "false", [110] = "null" }
+local WS = { [32] = true, [9] = true, [10] = true, [13] = true }
+local DIGIT, HEX, PLAIN = {}, {}, {}
+for c = 0, 255 do
+  DIGIT[c] = c >= 48 and c <= 57
+  HEX[c] = DIGIT[c] or (c >= 65 and c <= 70) or (c >= 97 and c <= 102)
+  -- String content that needs no attention: not '"', '\', a control character or non-ASCII.
+  PLAIN[c] = c >= 32 and c < 128 and c ~= 34 and c ~= 92
+end
 
 local function skip_ws(s, i)
-  local c = byte(s, i)
-  if c == 32 or c == 10 or c == 13 or c == 9 then
-    return find(s, "[^ \t\n\r]", i) or #s + 1
+  while WS[byte(s, i)] do
+    i = i + 1
   end
   return i
 end
 
--- Python's strict UTF-8 decoding: no overlongs, no surrogates, nothing above U+10FFFF.
--- ASCII runs are skipped with find; multi-byte runs are checked byte by byte.
-local function valid_utf8(s)
-  local i = find(s, "[\128-\255]")
-  while i do
-    local c = byte(s, i)
-    if not c then
-      return true
-    end
-    if c < 128 then
-      i = find(s, "[\128-\255]", i + 1)
-    else
-      local n, lo, hi
-      if c < 0xC2 then
-        return false
-      elseif c < 0xE0 then
-        n, lo, hi = 1, 0x80, 0xBF
-      elseif c < 0xF0 then
-        n = 2
-        lo = c == 0xE0 and 0xA0 or 0x80
-        hi = c == 0xED and 0x9F or 0xBF
-      elseif c < 0xF5 then
-        n = 3
-        lo = c == 0xF0 and 0x90 or 0x80
-        hi = c == 0xF4 and 0x8F or 0xBF
-      else
-        return false
-      end
-      c = byte(s, i + 1)
-      if not c or c < lo or c > hi then
-        return false
-      end
-      for k = i + 2, i + n do
-        c = byte(s, k)
-        if not c or c < 0x80 or c > 0xBF then
-          return false
-        end
-      end
-      i = i + n + 1
+-- i is at a UTF-8 lead byte. Python's strict decoding: no overlongs, no surrogates, nothing
+-- above U+10FFFF. Returns the index after the sequence, or nil.
+local function scan_utf8(s, i, c)
+  local n, lo, hi
+  if c < 0xC2 then
+    return nil
+  elseif c < 0xE0 then
+    n, lo, hi = 1, 0x80, 0xBF
+  elseif c < 0xF0 then
+    n = 2
+    lo = c == 0xE0 and 0xA0 or 0x80
+    hi = c == 0xED and 0x9F or 0xBF
+  elseif c < 0xF5 then
+    n = 3
+    lo = c == 0xF0 and 0x90 or 0x80
+    hi = c == 0xF4 and 0x8F or 0xBF
+  else
+    return nil
+  end
+  c = byte(s, i + 1)
+  if not c or c < lo or c > hi then
+    return nil
+  end
+  for k = i + 2, i + n do
+    c = byte(s, k)
+    if not c or c < 0x80 or c > 0xBF then
+      return nil
     end
   end
-  return true
+  return i + n + 1
 end
 
 -- i is at the opening quote. Returns the index after the closing quote and whether the
--- string holds escapes, or nil. String contents are skipped with find, not per byte.
+-- string holds escapes, or nil.
 local function scan_string(s, i)
   local escaped = false
   i = i + 1
   while true do
-    local j = find(s, '[%z\1-\31"\\]', i)
-    if not j then
-      return nil
+    local c = byte(s, i)
+    while PLAIN[c] do
+      i = i + 1
+      c = byte(s, i)
     end
-    local c = byte(s, j)
     if c == 34 then
-      return j + 1, escaped
-    end
-    if c ~= 92 then
-      return nil -- raw control character
-    end
-    escaped = true
-    c = byte(s, j + 1)
-    if c == 117 then
-      if not find(s, "^%x%x%x%x", j + 2) then
+      return i + 1, escaped
+    elseif c == 92 then
+      escaped = true
+      c = byte(s, i + 1)
+      if c == 117 then
+        local a, b, d, e = byte(s, i + 2, i + 5)
+        if not (HEX[a] and HEX[b] and HEX[d] and HEX[e]) then
+          return nil
+        end
+        i = i + 6
+      elseif SIMPLE_ESCAPES[c] then
+        i = i + 2
+      else
         return nil
       end
-      i = j + 6
-    elseif SIMPLE_ESCAPES[c] then
-      i = j + 2
+    elseif c and c >= 128 then
+      i = scan_utf8(s, i, c)
+      if not i then
+        return nil
+      end
     else
-      return nil
+      return nil -- raw control character or end of input
     end
   end
 end
@@ -177,24 +180,45 @@ local function decode_string(s, first, stop, escaped, limit)
   return limit and sub(text, 1, limit) or text
 end
 
+local function skip_digits(s, i)
+  while DIGIT[byte(s, i)] do
+    i = i + 1
+  end
+  return i
+end
+
+-- -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)? ; returns the index after it, or nil.
 local function scan_number(s, i)
-  local _, e = find(s, "^-?%d+", i)
-  if not e then
+  if byte(s, i) == 45 then
+    i = i + 1
+  end
+  local c = byte(s, i)
+  if c == 48 then
+    i = i + 1
+  elseif DIGIT[c] then
+    i = skip_digits(s, i + 1)
+  else
     return nil
   end
-  local d = byte(s, i) == 45 and i + 1 or i
-  if e > d and byte(s, d) == 48 then
-    return nil -- leading zero
+  if byte(s, i) == 46 then
+    if not DIGIT[byte(s, i + 1)] then
+      return nil
+    end
+    i = skip_digits(s, i + 2)
   end
-  local _, f = find(s, "^%.%d+", e + 1)
-  if f then
-    e = f
+  c = byte(s, i)
+  if c == 101 or c == 69 then
+    i = i + 1
+    c = byte(s, i)
+    if c == 43 or c == 45 then
+      i = i + 1
+    end
+    if not DIGIT[byte(s, i)] then
+      return nil
+    end
+    i = skip_digits(s, i + 1)
   end
-  _, f = find(s, "^[eE][-+]?%d+", e + 1)
-  if f then
-    e = f
-  end
-  return e + 1
+  return i
 end
 
 -- i is at a member's opening quote; returns the index of its value (whitespace skipped).
@@ -237,7 +261,7 @@ local function scan_value(s, i)
         end
         opened = true
       end
-    elseif c == 45 or (c and c >= 48 and c <= 57) then
+    elseif c == 45 or DIGIT[c] then
       i = scan_number(s, i)
     else
       local lit = LITERALS[c]
@@ -277,6 +301,7 @@ end
 
 -- i is at '{'. Validates the object; returns the spans of the members named in `wanted`
 -- (keyed by decoded name, the last duplicate wins as in Python) and the index after it.
+-- A string member's span also records whether it holds escapes.
 local function scan_object(s, i, wanted)
   local fields = {}
   i = skip_ws(s, i + 1)
@@ -296,13 +321,17 @@ local function scan_object(s, i, wanted)
     if byte(s, i) ~= 58 then
       return nil
     end
-    local first = skip_ws(s, i + 1)
-    i = scan_value(s, first)
+    local first, escaped = skip_ws(s, i + 1), nil
+    if byte(s, first) == 34 then
+      i, escaped = scan_string(s, first)
+    else
+      i = scan_value(s, first)
+    end
     if not i then
       return nil
     end
     if wanted[key] then
-      fields[key] = { first, i }
+      fields[key] = { first, i, escaped }
     end
     i = skip_ws(s, i)
     local c = byte(s, i)
@@ -323,9 +352,6 @@ local PART_FIELDS = { text = true }
 -- Validates the whole body as one JSON object. Returns spans of the top-level fields
 -- model, prompt_cache_key, user, messages and prompt, or nil and a reason.
 function M.extract(body)
-  if not valid_utf8(body) then
-    return nil, "request body is not valid UTF-8"
-  end
   local i = skip_ws(body, 1)
   if byte(body, i) ~= 123 then
     return nil, "request body must be a JSON object"
@@ -342,8 +368,7 @@ function M.string_at(body, span, limit)
   if not span or byte(body, span[1]) ~= 34 then
     return nil
   end
-  local _, escaped = scan_string(body, span[1])
-  return decode_string(body, span[1], span[2], escaped, limit)
+  return decode_string(body, span[1], span[2], span[3], limit)
 end
 
 -- Message content as text: a string as is; for an array of parts, the concatenated `text`
@@ -420,7 +445,8 @@ function M.prompt_prefix(body, span)
   if c == 91 then
     local first = skip_ws(body, span[1] + 1)
     if byte(body, first) == 34 then
-      return M.string_at(body, { first, scan_value(body, first) }, PROMPT_PREFIX_BYTES)
+      local stop, escaped = scan_string(body, first)
+      return decode_string(body, first, stop, escaped, PROMPT_PREFIX_BYTES)
     end
   end
   return sub(body, span[1], min(span[2] - 1, span[1] + PROMPT_PREFIX_BYTES - 1))
@@ -450,7 +476,7 @@ function M.hash(s)
   while i <= words_end do
     local a, b, c, d = byte(s, i, i + 3)
     local w = bor(a, lshift(b, 8), lshift(c, 16), lshift(d, 24))
-    h1 = tobit(mul32(rol(bxor(h1, murmur_block(w)), 13), 0, 5) + 0xe6546b64)
+    h1 = tobit(rol(bxor(h1, murmur_block(w)), 13) * 5 + 0xe6546b64)
     h2 = mul32(rol(tobit(h2 + mul32(w, 0xc2b2, 0xae3d)), 17), 0x27d4, 0xeb2f)
     i = i + 4
   end
