@@ -517,9 +517,10 @@ local function hash_fields(list)
   return M.hash(concat(parts))
 end
 
--- Client keys that are too long or hold control characters cannot go into a header as is.
+-- Client keys that are too long or hold control characters or other binary (non-ASCII)
+-- bytes cannot go into a header as is: they are replaced by their hash.
 function M.sanitize_key(key)
-  if #key > MAX_KEY_BYTES or find(key, "[%z\1-\31\127]") then
+  if #key > MAX_KEY_BYTES or find(key, "[%z\1-\31\127-\255]") then
     return M.hash(key)
   end
   return key

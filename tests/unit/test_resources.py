@@ -1,0 +1,380 @@
+"""Resource builders: golden JSON for representative pools, plus targeted asserts.
+
+Goldens live in tests/unit/golden/. ``UPDATE_GOLDEN=1 pytest tests/unit/test_resources.py``
+rewrites them; review the diff before committing. The listener golden replaces the Lua
+filter's inline source by a placeholder (the source is checked separately), so Lua edits do
+not churn it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from control_plane.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
+from control_plane.resources.clusters import MAX_RING_SIZE, RING_POINTS_PER_WEIGHT, build_cluster
+from control_plane.resources.endpoints import build_load_assignment
+from control_plane.resources.listeners import build_listener
+from control_plane.resources.lua_filter import render_lua_source
+from control_plane.resources.routes import (
+    MODEL_HEADER,
+    SESSION_HEADER,
+    build_route_configuration,
+)
+from control_plane.resources.types import LISTENER_NAME, ROUTE_CONFIG_NAME
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+LUA_PLACEHOLDER = "<inline lua source: see test_listener_lua_source>"
+NOW = 1_700_000_000.0
+
+CHAT = Pool(name="chat", models=("llama-3-8b", "llama-3-8b-instruct"))
+CODE = Pool(name="code", models=("qwen-coder",), lb="maglev", session_header="x-conversation",
+            hash_balance_factor=0)
+EMBED = Pool(name="embed", models=("bge-small",), lb="round_robin")
+
+CHAT_ENDPOINTS = {
+    "gpu-0": Endpoint("chat", "gpu-0", "10.0.0.1", 8000, weight=1),
+    "gpu-1": Endpoint("chat", "gpu-1", "10.0.0.2", 8001, weight=2),
+    "gpu-2": Endpoint("chat", "gpu-2", "gpu-2.internal", 8000, weight=3),
+}
+CHAT_RESOLVED = {"gpu-0": "10.0.0.1", "gpu-1": "10.0.0.2", "gpu-2": "10.0.0.3"}
+CHAT_STATUSES = {
+    "gpu-0": Status("chat", "gpu-0", WarmState.WARM, 35.0, NOW - 5),
+    "gpu-1": Status("chat", "gpu-1", WarmState.DOWN, None, NOW - 5),
+}
+
+
+def as_dict(message: Message) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
+def check_golden(name: str, actual: dict[str, Any]) -> None:
+    path = GOLDEN / f"{name}.json"
+    text = json.dumps(actual, indent=2, sort_keys=True) + "\n"
+    if UPDATE:
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 to create it"
+    assert actual == json.loads(path.read_text()), (
+        f"{path.name} differs; if the change is intended, rerun with UPDATE_GOLDEN=1"
+    )
+
+
+def _replace_lua(value: Any) -> Any:
+    if isinstance(value, dict):
+        if value.get("@type") == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua":
+            value["default_source_code"]["inline_string"] = LUA_PLACEHOLDER
+        for item in value.values():
+            _replace_lua(item)
+    elif isinstance(value, list):
+        for item in value:
+            _replace_lua(item)
+    return value
+
+
+def endpoint_dicts(count: int, weight: int = 1) -> dict[str, Endpoint]:
+    return {f"e{i}": Endpoint("p", f"e{i}", f"10.0.0.{i + 1}", 80, weight) for i in range(count)}
+
+
+def hcm_of(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return hcm
+
+
+# --- goldens --------------------------------------------------------------------------------
+
+
+def test_golden_cluster_ring_hash() -> None:
+    check_golden("cluster_ring_hash", as_dict(build_cluster(CHAT, CHAT_ENDPOINTS)))
+
+
+def test_golden_cluster_maglev() -> None:
+    endpoints = {"m0": Endpoint("code", "m0", "10.1.0.1", 9000)}
+    check_golden("cluster_maglev", as_dict(build_cluster(CODE, endpoints)))
+
+
+def test_golden_cluster_round_robin() -> None:
+    check_golden("cluster_round_robin", as_dict(build_cluster(EMBED, endpoint_dicts(2))))
+
+
+def test_golden_load_assignment_ring_hash() -> None:
+    assignment = build_load_assignment(CHAT, CHAT_ENDPOINTS, CHAT_RESOLVED, CHAT_STATUSES, NOW)
+    check_golden("load_assignment_ring_hash", as_dict(assignment))
+
+
+def test_golden_route_configuration_two_pools() -> None:
+    # Given out of order: routes come out sorted by pool name.
+    routes = build_route_configuration([CODE, CHAT], GatewaySettings())
+    check_golden("routes_two_pools", as_dict(routes))
+
+
+def test_golden_listener() -> None:
+    listener = build_listener([CHAT, CODE], GatewaySettings())
+    check_golden("listener", _replace_lua(as_dict(listener)))
+
+
+# --- clusters -------------------------------------------------------------------------------
+
+
+def test_cluster_named_as_pool_and_fed_by_ads_eds() -> None:
+    cluster = build_cluster(CHAT, CHAT_ENDPOINTS)
+    assert cluster.name == "chat"
+    assert cluster.type == cluster_pb2.Cluster.EDS
+    assert cluster.eds_cluster_config.eds_config.HasField("ads")
+
+
+@pytest.mark.parametrize(
+    ("weights", "ring"),
+    [([], 1024), ([1], 1024), ([1, 1, 1], 3072), ([1, 2, 3], 6144), ([128, 128], 262144)],
+)
+def test_ring_size_is_1024_times_total_weight(weights: list[int], ring: int) -> None:
+    endpoints = {f"e{i}": Endpoint("p", f"e{i}", "10.0.0.1", 80, w) for i, w in enumerate(weights)}
+    cluster = build_cluster(CHAT, endpoints)
+    assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
+    assert cluster.ring_hash_lb_config.minimum_ring_size.value == ring
+    assert ring == max(1, sum(weights)) * RING_POINTS_PER_WEIGHT
+    assert cluster.ring_hash_lb_config.maximum_ring_size.value == MAX_RING_SIZE
+    assert cluster.ring_hash_lb_config.hash_function == (
+        cluster_pb2.Cluster.RingHashLbConfig.XX_HASH)
+
+
+def test_ring_points_per_host_constant_when_a_host_leaves() -> None:
+    three = build_cluster(CHAT, endpoint_dicts(3)).ring_hash_lb_config.minimum_ring_size.value
+    two = build_cluster(CHAT, endpoint_dicts(2)).ring_hash_lb_config.minimum_ring_size.value
+    assert three / 3 == two / 2 == RING_POINTS_PER_WEIGHT
+
+
+def test_ring_size_capped_at_envoy_maximum() -> None:
+    cluster = build_cluster(CHAT, endpoint_dicts(70, weight=128))  # 8960 x 1024 > 8 Mi
+    assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("lb", "policy"),
+    [("ring_hash", cluster_pb2.Cluster.RING_HASH), ("maglev", cluster_pb2.Cluster.MAGLEV),
+     ("round_robin", cluster_pb2.Cluster.ROUND_ROBIN),
+     ("least_request", cluster_pb2.Cluster.LEAST_REQUEST)],
+)
+def test_lb_policy_and_panic_threshold_zero(lb: str, policy: int) -> None:
+    cluster = build_cluster(Pool(name="p", models=("m",), lb=lb), endpoint_dicts(2))
+    assert cluster.lb_policy == policy
+    assert cluster.common_lb_config.HasField("healthy_panic_threshold")
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 0.0
+    assert cluster.HasField("ring_hash_lb_config") is (lb == "ring_hash")
+
+
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
+def test_hash_balance_factor_set_only_when_non_zero(lb: str) -> None:
+    on = build_cluster(Pool(name="p", models=("m",), lb=lb, hash_balance_factor=125), {})
+    assert on.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value == 125
+    off = build_cluster(Pool(name="p", models=("m",), lb=lb, hash_balance_factor=0), {})
+    assert not off.common_lb_config.HasField("consistent_hashing_lb_config")
+
+
+@pytest.mark.parametrize("lb", ["round_robin", "least_request"])
+def test_hash_balance_factor_not_set_without_hashing(lb: str) -> None:
+    cluster = build_cluster(Pool(name="p", models=("m",), lb=lb, hash_balance_factor=150), {})
+    assert not cluster.common_lb_config.HasField("consistent_hashing_lb_config")
+
+
+def test_outlier_detection_ejects_at_most_half() -> None:
+    cluster = build_cluster(CHAT, CHAT_ENDPOINTS)
+    assert cluster.outlier_detection.max_ejection_percent.value == 50
+
+
+# --- endpoints ------------------------------------------------------------------------------
+
+
+def lb_endpoints(assignment: Any) -> dict[str, Any]:
+    return {
+        e.endpoint.hostname: e
+        for locality in assignment.endpoints
+        for e in locality.lb_endpoints
+    }
+
+
+def test_one_lb_endpoint_per_endpoint_with_id_as_hostname_and_hash_key() -> None:
+    assignment = build_load_assignment(CHAT, CHAT_ENDPOINTS, CHAT_RESOLVED, {}, NOW)
+    assert assignment.cluster_name == "chat"
+    by_id = lb_endpoints(assignment)
+    assert list(by_id) == ["gpu-0", "gpu-1", "gpu-2"]
+    for endpoint_id, lb_endpoint in by_id.items():
+        assert lb_endpoint.metadata.filter_metadata["envoy.lb"]["hash_key"] == endpoint_id
+        address = lb_endpoint.endpoint.address.socket_address
+        assert address.address == CHAT_RESOLVED[endpoint_id]
+        assert address.port_value == CHAT_ENDPOINTS[endpoint_id].port
+        assert lb_endpoint.load_balancing_weight.value == CHAT_ENDPOINTS[endpoint_id].weight
+        assert lb_endpoint.health_status == health_check_pb2.HEALTHY
+
+
+@pytest.mark.parametrize(
+    ("state", "age", "health"),
+    [
+        (WarmState.WARM, 1, health_check_pb2.HEALTHY),
+        (WarmState.COLD, 1, health_check_pb2.HEALTHY),
+        (WarmState.DOWN, 1, health_check_pb2.UNHEALTHY),
+        (WarmState.DOWN, 29, health_check_pb2.UNHEALTHY),
+        # Stale (older than max(30 s, 3 probe intervals)): counts as warm, never blackholes.
+        (WarmState.DOWN, 31, health_check_pb2.HEALTHY),
+        (WarmState.DOWN, 3600, health_check_pb2.HEALTHY),
+        (WarmState.COLD, 3600, health_check_pb2.HEALTHY),
+    ],
+)
+def test_status_to_health(state: WarmState, age: float, health: int) -> None:
+    endpoints = {"gpu-0": CHAT_ENDPOINTS["gpu-0"]}
+    statuses = {"gpu-0": Status("chat", "gpu-0", state, None, NOW - age)}
+    assignment = build_load_assignment(CHAT, endpoints, {"gpu-0": "10.0.0.1"}, statuses, NOW)
+    assert lb_endpoints(assignment)["gpu-0"].health_status == health
+
+
+def test_stale_threshold_follows_probe_interval() -> None:
+    pool = Pool(name="chat", models=("m",), warmup=Warmup(interval_s=20.0))
+    endpoints = {"gpu-0": CHAT_ENDPOINTS["gpu-0"]}
+    resolved = {"gpu-0": "10.0.0.1"}
+
+    def health(age: float) -> int:
+        statuses = {"gpu-0": Status("chat", "gpu-0", WarmState.DOWN, None, NOW - age)}
+        assignment = build_load_assignment(pool, endpoints, resolved, statuses, NOW)
+        return int(lb_endpoints(assignment)["gpu-0"].health_status)
+
+    assert health(59) == health_check_pb2.UNHEALTHY
+    assert health(61) == health_check_pb2.HEALTHY
+
+
+def test_unresolved_hostname_endpoints_left_out() -> None:
+    resolved = {"gpu-0": "10.0.0.1", "gpu-1": "10.0.0.2"}  # gpu-2.internal not resolved yet
+    assignment = build_load_assignment(CHAT, CHAT_ENDPOINTS, resolved, {}, NOW)
+    assert list(lb_endpoints(assignment)) == ["gpu-0", "gpu-1"]
+
+
+def test_no_endpoint_gives_empty_assignment() -> None:
+    assignment = build_load_assignment(CHAT, {}, {}, {}, NOW)
+    assert assignment.cluster_name == "chat"
+    assert len(assignment.endpoints) == 0
+    nothing_resolved = build_load_assignment(CHAT, CHAT_ENDPOINTS, {}, {}, NOW)
+    assert len(nothing_resolved.endpoints) == 0
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+def test_one_route_per_model_then_404s() -> None:
+    config = build_route_configuration([CODE, CHAT], GatewaySettings())
+    assert config.name == ROUTE_CONFIG_NAME == "hotpath"
+    (vhost,) = config.virtual_hosts
+    assert list(vhost.domains) == ["*"]
+    names = [route.name for route in vhost.routes]
+    assert names == ["chat/llama-3-8b", "chat/llama-3-8b-instruct", "code/qwen-coder",
+                     "unknown-model", "no-route"]
+    for route in vhost.routes[:3]:
+        (matcher,) = route.match.headers
+        assert matcher.name == MODEL_HEADER == "x-hotpath-model"
+        assert matcher.string_match.exact == route.name.split("/", 1)[1]
+        assert route.route.cluster == route.name.split("/", 1)[0]
+        (hash_policy,) = route.route.hash_policy
+        assert hash_policy.header.header_name == SESSION_HEADER == "x-hotpath-session"
+    assert vhost.routes[3].direct_response.status == 404
+    assert vhost.routes[3].match.headers[0].present_match
+    assert vhost.routes[4].direct_response.status == 404
+    assert list(config.response_headers_to_remove) == [MODEL_HEADER, SESSION_HEADER]
+
+
+def test_route_without_pools_still_answers_404() -> None:
+    config = build_route_configuration([], GatewaySettings())
+    assert [r.name for r in config.virtual_hosts[0].routes] == ["unknown-model", "no-route"]
+
+
+def test_route_timeout_zero_and_idle_timeout_from_settings() -> None:
+    config = build_route_configuration([CHAT], GatewaySettings(idle_timeout_s=120.5))
+    action = config.virtual_hosts[0].routes[0].route
+    # Explicitly set: an absent timeout means Envoy's 15 s default.
+    assert action.HasField("timeout")
+    assert action.timeout.ToMilliseconds() == 0
+    assert action.idle_timeout.ToMilliseconds() == 120_500
+
+
+def test_retry_policy_previous_hosts_and_retry_on() -> None:
+    config = build_route_configuration([CHAT], GatewaySettings())
+    policy = config.virtual_hosts[0].routes[0].route.retry_policy
+    retry_on = policy.retry_on.split(",")
+    assert "connect-failure" in retry_on
+    assert "reset" in retry_on
+    assert "5xx" not in retry_on  # a generation that started must not run twice
+    assert policy.num_retries.value >= 1
+    (predicate,) = policy.retry_host_predicate
+    assert predicate.name == "envoy.retry_host_predicates.previous_hosts"
+    assert predicate.typed_config.Is(previous_hosts_pb2.PreviousHostsPredicate.DESCRIPTOR)
+    assert policy.host_selection_retry_max_attempts >= 1
+
+
+# --- listener -------------------------------------------------------------------------------
+
+
+def test_listener_shape() -> None:
+    settings = GatewaySettings(listen_address="0.0.0.0", listen_port=10001,
+                               max_body_bytes=1 << 20)
+    listener = build_listener([CHAT], settings)
+    assert listener.name == LISTENER_NAME == "hotpath"
+    assert listener.address.socket_address.address == "0.0.0.0"
+    assert listener.address.socket_address.port_value == 10001
+    assert listener.per_connection_buffer_limit_bytes.value == 1 << 20
+    hcm = hcm_of(listener)
+    assert hcm.rds.route_config_name == ROUTE_CONFIG_NAME
+    assert hcm.rds.config_source.HasField("ads")
+    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.lua",
+                                                  "envoy.filters.http.router"]
+    assert hcm.HasField("request_timeout") and hcm.request_timeout.ToMilliseconds() == 0
+    assert hcm.stream_idle_timeout.ToMilliseconds() == 900_000
+
+
+def test_listener_lua_source() -> None:
+    settings = GatewaySettings(max_body_bytes=4096)
+    listener = build_listener([CHAT, CODE], settings)
+    lua = lua_pb2.Lua()
+    assert hcm_of(listener).http_filters[0].typed_config.Unpack(lua)
+    models = {
+        "llama-3-8b": ("chat", "x-session-id"),
+        "llama-3-8b-instruct": ("chat", "x-session-id"),
+        "qwen-coder": ("code", "x-conversation"),
+    }
+    assert lua.default_source_code.inline_string == render_lua_source(models, 4096)
+
+
+def test_local_replies_are_openai_shaped_for_contract_statuses() -> None:
+    hcm = hcm_of(build_listener([CHAT], GatewaySettings()))
+    by_status: Mapping[int, Any] = {
+        mapper.filter.and_filter.filters[0].status_code_filter.comparison.value.default_value:
+            mapper
+        for mapper in hcm.local_reply_config.mappers
+    }
+    assert {400, 404, 413, 503, 504} <= set(by_status)
+    for status, mapper in by_status.items():
+        body = MessageToDict(mapper.body_format_override.json_format)
+        assert set(body) == {"error"}, status
+        assert set(body["error"]) == {"message", "type", "code"}, status
+    assert "8388608 bytes" in MessageToDict(
+        by_status[413].body_format_override.json_format)["error"]["message"]
+
+
+def test_route_configuration_is_a_route_configuration() -> None:
+    assert isinstance(build_route_configuration([CHAT], GatewaySettings()),
+                      route_pb2.RouteConfiguration)

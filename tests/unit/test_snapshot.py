@@ -1,0 +1,276 @@
+"""translate(), check_consistent() and SnapshotBuilder versioning."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf.message import Message
+
+from control_plane.model import Config, Endpoint, GatewaySettings, Pool, Status, WarmState
+from control_plane.resources import types
+from control_plane.snapshot import (
+    InconsistentSnapshot,
+    Snapshot,
+    SnapshotBuilder,
+    check_consistent,
+    content_hash,
+    translate,
+)
+
+NOW = 1_700_000_000.0
+SETTINGS = GatewaySettings()
+
+CHAT = Pool(name="chat", models=("llama",))
+CODE = Pool(name="code", models=("coder",), lb="maglev")
+
+
+def make_config(**changes: Any) -> Config:
+    base: dict[str, Any] = {
+        "pools": {"chat": CHAT, "code": CODE},
+        "endpoints": {
+            "chat": {
+                "gpu-0": Endpoint("chat", "gpu-0", "10.0.0.1", 8000),
+                "gpu-1": Endpoint("chat", "gpu-1", "gpu-1.internal", 8000),
+            },
+            "code": {"c-0": Endpoint("code", "c-0", "10.0.1.1", 9000)},
+            "orphan": {"x": Endpoint("orphan", "x", "10.0.9.9", 1)},
+        },
+        "statuses": {},
+    }
+    base.update(changes)
+    return Config(**base)
+
+
+RESOLVED = {("chat", "gpu-0"): "10.0.0.1", ("chat", "gpu-1"): "10.0.0.2",
+            ("code", "c-0"): "10.0.1.1"}
+
+
+def resources(config: Config | None = None, resolved: dict[tuple[str, str], str] | None = None,
+              settings: GatewaySettings = SETTINGS) -> dict[str, dict[str, Message]]:
+    return translate(config or make_config(), RESOLVED if resolved is None else resolved,
+                     settings, NOW)
+
+
+# --- translate ------------------------------------------------------------------------------
+
+
+def test_translate_names() -> None:
+    out = resources()
+    assert list(out) == [types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE]
+    assert list(out[types.CLUSTER]) == ["chat", "code"]
+    assert all(c.name == n for n, c in out[types.CLUSTER].items())  # type: ignore[attr-defined]
+    assert list(out[types.ENDPOINT]) == ["chat", "code"]  # endpoints of no pool: no resource
+    assert all(
+        a.cluster_name == n for n, a in out[types.ENDPOINT].items()  # type: ignore[attr-defined]
+    )
+    assert list(out[types.LISTENER]) == ["hotpath"]
+    assert list(out[types.ROUTE]) == ["hotpath"]
+    assert isinstance(out[types.CLUSTER]["chat"], cluster_pb2.Cluster)
+    assert isinstance(out[types.ENDPOINT]["chat"], endpoint_pb2.ClusterLoadAssignment)
+    assert isinstance(out[types.LISTENER]["hotpath"], listener_pb2.Listener)
+    assert isinstance(out[types.ROUTE]["hotpath"], route_pb2.RouteConfiguration)
+    check_consistent(out)
+
+
+def test_translate_uses_resolved_ips_per_pool() -> None:
+    out = resources(resolved={("chat", "gpu-0"): "10.0.0.1", ("code", "gpu-1"): "10.9.9.9"})
+    chat = out[types.ENDPOINT]["chat"]
+    hosts = [e.endpoint.hostname for e in chat.endpoints[0].lb_endpoints]  # type: ignore[attr-defined]
+    assert hosts == ["gpu-0"]  # ("code", "gpu-1") must not leak into pool chat
+
+
+def test_translate_empty_config_is_consistent() -> None:
+    out = translate(Config(), {}, SETTINGS, NOW)
+    assert out[types.CLUSTER] == {} and out[types.ENDPOINT] == {}
+    assert list(out[types.LISTENER]) == ["hotpath"] and list(out[types.ROUTE]) == ["hotpath"]
+    check_consistent(out)
+
+
+def test_translate_pool_without_endpoints_has_empty_assignment() -> None:
+    out = resources(make_config(endpoints={}))
+    assert set(out[types.ENDPOINT]) == {"chat", "code"}
+    assert len(out[types.ENDPOINT]["chat"].endpoints) == 0  # type: ignore[attr-defined]
+
+
+# --- check_consistent -----------------------------------------------------------------------
+
+
+def without(out: dict[str, dict[str, Message]], type_url: str, name: str
+            ) -> dict[str, dict[str, Message]]:
+    changed = {t: dict(r) for t, r in out.items()}
+    del changed[type_url][name]
+    return changed
+
+
+def test_missing_eds_refused() -> None:
+    with pytest.raises(InconsistentSnapshot, match=r"EDS resources \['code'\] do not match "
+                       r"EDS clusters \['chat', 'code'\]"):
+        check_consistent(without(resources(), types.ENDPOINT, "chat"))
+
+
+def test_extra_eds_refused() -> None:
+    with pytest.raises(InconsistentSnapshot, match="EDS"):
+        check_consistent(without(resources(), types.CLUSTER, "code"))
+
+
+def test_static_cluster_needs_no_eds() -> None:
+    out = without(resources(), types.CLUSTER, "code")
+    out[types.ENDPOINT] = {"chat": out[types.ENDPOINT]["chat"]}
+    out[types.CLUSTER]["static"] = cluster_pb2.Cluster(name="static",
+                                                       type=cluster_pb2.Cluster.STATIC)
+    check_consistent(out)
+
+
+def test_missing_rds_refused() -> None:
+    with pytest.raises(InconsistentSnapshot, match=r"RDS resources \[\] do not match "
+                       r"listener routes \['hotpath'\]"):
+        check_consistent(without(resources(), types.ROUTE, "hotpath"))
+
+
+def test_extra_rds_refused() -> None:
+    out = resources()
+    out[types.ROUTE]["spare"] = route_pb2.RouteConfiguration(name="spare")
+    with pytest.raises(InconsistentSnapshot, match="RDS"):
+        check_consistent(out)
+
+
+def test_rds_without_listener_refused() -> None:
+    with pytest.raises(InconsistentSnapshot, match="RDS"):
+        check_consistent(without(resources(), types.LISTENER, "hotpath"))
+
+
+# --- SnapshotBuilder ------------------------------------------------------------------------
+
+
+def test_first_update_versions_every_type_with_revision_prefix() -> None:
+    builder = SnapshotBuilder()
+    out = resources()
+    snapshot = builder.update(out, 42)
+    assert snapshot is not None
+    assert builder.current is snapshot
+    assert list(snapshot.versions) == list(types.PUSH_ORDER)
+    for type_url in types.PUSH_ORDER:
+        version = snapshot.version(type_url)
+        assert version == f"42-{content_hash(out[type_url])[:8]}"
+    assert snapshot.resources == out
+
+
+def test_nothing_changed_returns_none() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 1)
+    assert builder.update(resources(), 2) is None
+    assert builder.update(copy.deepcopy(resources()), 3) is None
+    assert builder.current is first
+
+
+def _changed_types(before: Snapshot, after: Snapshot) -> set[str]:
+    return {t for t in types.PUSH_ORDER if before.version(t) != after.version(t)}
+
+
+def _short(type_urls: set[str]) -> set[str]:
+    return {types.SHORT_NAMES[t] for t in type_urls}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # A host moves: only its address in EDS.
+        (lambda: resources(resolved={**RESOLVED, ("chat", "gpu-0"): "10.0.0.9"}), {"EDS"}),
+        # The prober marks a host down: EDS health only.
+        (lambda: resources(make_config(statuses={"chat": {
+            "gpu-0": Status("chat", "gpu-0", WarmState.DOWN, None, NOW)}})), {"EDS"}),
+        # The lb policy of a pool: CDS only.
+        (lambda: resources(make_config(pools={"chat": dataclasses.replace(CHAT, lb="maglev"),
+                                               "code": CODE})), {"CDS"}),
+        # A new session header: the Lua config in LDS only.
+        (lambda: resources(make_config(pools={
+            "chat": dataclasses.replace(CHAT, session_header="x-conv"), "code": CODE})),
+         {"LDS"}),
+        # A new model: Lua (LDS) and routes (RDS).
+        (lambda: resources(make_config(pools={
+            "chat": dataclasses.replace(CHAT, models=("llama", "llama-2")), "code": CODE})),
+         {"LDS", "RDS"}),
+        # A weight: ring size (CDS) and endpoint weight (EDS).
+        (lambda: resources(make_config(endpoints={
+            "chat": {"gpu-0": Endpoint("chat", "gpu-0", "10.0.0.1", 8000, weight=2),
+                     "gpu-1": Endpoint("chat", "gpu-1", "gpu-1.internal", 8000)}})),
+         {"CDS", "EDS"}),
+        # Route idle timeout from the settings: RDS and the HCM's stream idle timeout.
+        (lambda: resources(settings=GatewaySettings(idle_timeout_s=60)), {"LDS", "RDS"}),
+    ],
+)
+def test_only_changed_types_get_a_new_version(change: Any, expected: set[str]) -> None:
+    builder = SnapshotBuilder()
+    before = builder.update(resources(), 10)
+    assert before is not None
+    after = builder.update(change(), 11)
+    assert after is not None
+    changed = _changed_types(before, after)
+    assert _short(changed) == expected
+    for type_url in types.PUSH_ORDER:
+        prefix = "11-" if type_url in changed else "10-"
+        assert after.version(type_url).startswith(prefix)
+
+
+def test_content_back_to_earlier_value_gets_a_new_version() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 1)
+    moved = builder.update(resources(resolved={**RESOLVED, ("chat", "gpu-0"): "10.0.0.9"}), 2)
+    back = builder.update(resources(), 3)
+    assert first and moved and back
+    versions = [s.version(types.ENDPOINT) for s in (first, moved, back)]
+    assert len(set(versions)) == 3
+    assert versions[2].startswith("3-")
+
+
+def test_same_revision_different_content_differs() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 5)
+    stale = builder.update(resources(make_config(statuses={"chat": {
+        "gpu-0": Status("chat", "gpu-0", WarmState.DOWN, None, NOW)}})), 5)
+    assert first and stale
+    assert first.version(types.ENDPOINT) != stale.version(types.ENDPOINT)
+    assert stale.version(types.ENDPOINT).startswith("5-")
+
+
+def test_inconsistent_update_refused_and_nothing_changes() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 1)
+    with pytest.raises(InconsistentSnapshot):
+        builder.update(without(resources(), types.ENDPOINT, "chat"), 2)
+    assert builder.current is first
+    assert builder.update(resources(), 3) is None  # hashes untouched by the refused update
+
+
+def test_restart_at_later_revision_never_goes_backwards() -> None:
+    old = SnapshotBuilder().update(resources(), 7)
+    new = SnapshotBuilder().update(resources(), 9)
+    assert old and new
+    for type_url in types.PUSH_ORDER:
+        assert int(new.version(type_url).split("-")[0]) > int(old.version(type_url).split("-")[0])
+
+
+def test_content_hash_independent_of_insertion_order() -> None:
+    out = resources()
+    clusters = out[types.CLUSTER]
+    assert content_hash(clusters) == content_hash(dict(reversed(list(clusters.items()))))
+    assert content_hash({}) != content_hash(clusters)
+
+
+def test_snapshot_named_and_version() -> None:
+    out = resources()
+    snapshot = Snapshot(resources=out, versions={types.CLUSTER: "1-a"})
+    assert snapshot.version(types.CLUSTER) == "1-a"
+    assert snapshot.version(types.ROUTE) == ""
+    assert [c.name for c in snapshot.named(types.CLUSTER, None)] == ["chat", "code"]  # type: ignore[attr-defined]
+    named = snapshot.named(types.ENDPOINT, frozenset({"code", "missing"}))
+    assert [a.cluster_name for a in named] == ["code"]  # type: ignore[attr-defined]
+    assert snapshot.named(types.ENDPOINT, frozenset()) == []
+    assert Snapshot().named(types.CLUSTER, None) == []
