@@ -8,7 +8,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from control_plane.metrics import Metric, serve_metrics
 from control_plane.model import Config, GatewaySettings
+from control_plane.resources.types import SHORT_NAMES
 from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
 from control_plane.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
@@ -26,6 +28,7 @@ class ControlPlaneSettings:
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     xds_address: str = "127.0.0.1:18000"
+    metrics_address: str | None = "127.0.0.1:9101"  # None: no /metrics server
 
 
 class Resolver:
@@ -79,6 +82,7 @@ class ControlPlane:
         self.resolver = Resolver()
         self.follower = EtcdFollower(settings.etcd, self.state, self.rebuild)
         self.xds_port = 0
+        self.pushes = 0
         self._dns_tasks: set[asyncio.Task[None]] = set()
 
     def rebuild(self, revision: int | None = None) -> None:
@@ -101,7 +105,41 @@ class ControlPlane:
                 sum(len(e) for e in config.endpoints.values()),
                 ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in snapshot.versions.items()),
             )
+            self.pushes += 1
             self.servicer.publish(snapshot)
+
+    def healthy(self) -> bool:
+        return bool(self.builder.current.versions) and self.follower.connected
+
+    def collect(self) -> list[Metric]:
+        """Samples for /metrics."""
+        stats = self.servicer.stats
+        versions = self.builder.current.versions
+        return [
+            Metric("hotpath_xds_connected_envoys", "gauge", "Envoys with an open ADS stream",
+                   (({}, float(len(stats.connected))),)),
+            Metric("hotpath_xds_responses_total", "counter", "ADS responses sent, by type",
+                   tuple(({"type": t}, float(n)) for t, n in sorted(stats.pushes.items()))),
+            Metric("hotpath_xds_nacks_total", "counter", "versions rejected by an Envoy",
+                   tuple(({"type": t}, float(n)) for t, n in sorted(stats.nacks.items()))),
+            Metric("hotpath_snapshots_published_total", "counter",
+                   "snapshots published (only when the translated config changed)",
+                   (({}, float(self.pushes)),)),
+            Metric("hotpath_snapshot_revision", "gauge",
+                   "etcd revision of the version each type was last published at",
+                   tuple(({"type": SHORT_NAMES[t]}, float(v.split("-", 1)[0]))
+                         for t, v in sorted(versions.items()))),
+            Metric("hotpath_etcd_connected", "gauge", "1 while the etcd watch is up",
+                   (({}, 1.0 if self.follower.connected else 0.0),)),
+            Metric("hotpath_etcd_revision", "gauge", "latest etcd revision seen by the watch",
+                   (({}, float(self.follower.synced_revision)),)),
+            Metric("hotpath_etcd_watch_lag_seconds", "gauge",
+                   "seconds since the etcd watch last heard from etcd (progress included)",
+                   (({}, self.follower.lag_seconds()),)),
+            Metric("hotpath_config_rejected_keys", "gauge",
+                   "etcd keys whose latest value is refused (last good value in force)",
+                   (({}, float(len(self.state.rejected))),)),
+        ]
 
     def _resolve_due(self, config: Config) -> None:
         for host in self.resolver.due(config, time.monotonic()):
@@ -122,6 +160,11 @@ class ControlPlane:
         server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address)
         log.info("xDS (ADS) listening on %s", self.settings.xds_address.rsplit(":", 1)[0]
                  + f":{self.xds_port}")
+        metrics = None
+        if self.settings.metrics_address is not None:
+            host, _, port = self.settings.metrics_address.rpartition(":")
+            metrics = await serve_metrics(host, int(port), self.collect, self.healthy)
+            log.info("metrics on http://%s/metrics", self.settings.metrics_address)
         tasks = [
             asyncio.create_task(self.follower.run(), name="etcd-follower"),
             asyncio.create_task(self._upkeep(), name="upkeep"),
@@ -135,6 +178,8 @@ class ControlPlane:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await server.stop(grace=1.0)
+            if metrics is not None:
+                await metrics.cleanup()
 
 
 async def run_control_plane(settings: ControlPlaneSettings) -> None:

@@ -70,6 +70,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
     host, port = args.listen
     return await run_up(UpSettings(
         listen_host=host, listen_port=port, admin_port=args.admin_port, xds_port=args.xds_port,
+        metrics_port=args.metrics_port, prober_metrics_port=args.prober_metrics_port,
         etcd_url=args.etcd, etcd_client_port=args.etcd_port, etcd_peer_port=args.etcd_peer_port,
         sim_base_port=args.sim_port, with_sim=not args.no_sim, with_prober=not args.no_prober,
         data_dir=Path(args.data_dir), prefix=args.prefix,
@@ -83,8 +84,9 @@ async def cmd_control_plane(args: argparse.Namespace) -> int:
     gateway = GatewaySettings(listen_address=host, listen_port=port,
                               max_body_bytes=args.max_body_bytes,
                               idle_timeout_s=args.idle_timeout, access_log_path=args.access_log)
-    await run_control_plane(ControlPlaneSettings(etcd=etcd_settings(args), gateway=gateway,
-                                                 xds_address=args.xds))
+    await run_control_plane(ControlPlaneSettings(
+        etcd=etcd_settings(args), gateway=gateway, xds_address=args.xds,
+        metrics_address=None if args.metrics == "off" else args.metrics))
     return 0
 
 
@@ -210,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Envoy listener HOST:PORT (default 127.0.0.1:10000)")
     up.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
     up.add_argument("--xds-port", type=int, default=18000, help="xDS port (loopback)")
+    up.add_argument("--metrics-port", type=int, default=9101,
+                    help="control-plane /metrics port (loopback; default %(default)s)")
+    up.add_argument("--prober-metrics-port", type=int, default=9102,
+                    help="prober /metrics port (loopback; default %(default)s)")
     up.add_argument("--etcd-port", type=int, default=2379,
                     help="embedded etcd client port (loopback; default %(default)s)")
     up.add_argument("--etcd-peer-port", type=int, default=2380,
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = command("control-plane", cmd_control_plane,
                  "run the xDS control plane (etcd -> Envoy over ADS)")
     cp.add_argument("--xds", default="127.0.0.1:18000", help="ADS listen HOST:PORT")
+    cp.add_argument("--metrics", default="127.0.0.1:9101",
+                    help="HOST:PORT for /metrics and /healthz, or 'off' (default %(default)s)")
     cp.add_argument("--listen", type=_host_port, default=("127.0.0.1", 10000),
                     help="address Envoy's listener binds (default 127.0.0.1:10000)")
     cp.add_argument("--max-body-bytes", type=int, default=GatewaySettings.max_body_bytes,

@@ -35,6 +35,8 @@ class UpSettings:
     listen_port: int = 10000
     admin_port: int = 9901
     xds_port: int = 18000
+    metrics_port: int = 9101
+    prober_metrics_port: int = 9102
     etcd_url: str | None = None  # None: start the embedded etcd
     etcd_client_port: int = 2379
     etcd_peer_port: int = 2380
@@ -91,7 +93,11 @@ class Stack:
         s = self.settings
         wanted = [(s.listen_host, s.listen_port, "Envoy listener (--listen)"),
                   ("127.0.0.1", s.admin_port, "Envoy admin (--admin-port)"),
-                  ("127.0.0.1", s.xds_port, "xDS (--xds-port)")]
+                  ("127.0.0.1", s.xds_port, "xDS (--xds-port)"),
+                  ("127.0.0.1", s.metrics_port, "control-plane metrics (--metrics-port)")]
+        if s.with_prober and self._prober_available():
+            wanted.append(("127.0.0.1", s.prober_metrics_port,
+                           "prober metrics (--prober-metrics-port)"))
         if s.etcd_url is None:
             wanted += [("127.0.0.1", s.etcd_client_port, "etcd client"),
                        ("127.0.0.1", s.etcd_peer_port, "etcd peer")]
@@ -119,10 +125,12 @@ class Stack:
             "control-plane", *etcd_args, "--xds", f"127.0.0.1:{s.xds_port}",
             "--listen", f"{s.listen_host}:{s.listen_port}",
             "--access-log", str((self.logs / "access.log").resolve()),
+            "--metrics", f"127.0.0.1:{s.metrics_port}",
         ])
         await self.wait_ready(control, lambda: processes.port_open("127.0.0.1", s.xds_port),
                               30, "xDS port")
-        where.append(("control plane", f"xDS on 127.0.0.1:{s.xds_port}"))
+        where.append(("control plane", f"xDS on 127.0.0.1:{s.xds_port}, "
+                                        f"metrics http://127.0.0.1:{s.metrics_port}/metrics"))
         if s.with_sim and not await self._has_endpoints():
             sim = await self.spawn("sim", python + [
                 "sim", "--count", str(SIM_COUNT), "--port", str(s.sim_base_port),
@@ -134,9 +142,11 @@ class Stack:
             where.append(("simulated GPUs", f"127.0.0.1:{s.sim_base_port}-{last} "
                                             f"(pool {SIM_POOL}, model {SIM_MODEL})"))
         if s.with_prober and self._prober_available():
-            await self.spawn("prober", python + ["prober", *etcd_args,
-                                                 "--admin", f"http://127.0.0.1:{s.admin_port}"])
-            where.append(("prober", "probing every endpoint (see `hotpath status`)"))
+            await self.spawn("prober", python + [
+                "prober", *etcd_args, "--admin", f"http://127.0.0.1:{s.admin_port}",
+                "--metrics", f"127.0.0.1:{s.prober_metrics_port}"])
+            where.append(("prober", "probing every endpoint, metrics "
+                                    f"http://127.0.0.1:{s.prober_metrics_port}/metrics"))
         bootstrap = s.data_dir / "envoy-bootstrap.yaml"
         bootstrap.write_text(render_bootstrap(BootstrapSettings(
             node_id=f"hotpath-up-{os.getpid()}", xds_port=s.xds_port, admin_port=s.admin_port)))

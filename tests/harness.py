@@ -119,13 +119,15 @@ class ControlPlaneProcess:
     access_log: Path
     extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    metrics_port: int = field(default_factory=processes.free_port)
 
     def start(self) -> None:
         command = [sys.executable, "-m", "control_plane", "-v", "control-plane",
                    "--etcd", self.etcd.urls, "--prefix", self.etcd.prefix,
                    "--xds", f"127.0.0.1:{self.xds_port}",
                    "--listen", f"127.0.0.1:{self.listen_port}",
-                   "--access-log", str(self.access_log), *self.extra]
+                   "--access-log", str(self.access_log),
+                   "--metrics", f"127.0.0.1:{self.metrics_port}", *self.extra]
         self.process = start(command, self.log)
         wait_for(lambda: processes.port_open("127.0.0.1", self.xds_port), 30, "xDS port")
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -147,7 +148,11 @@ class EtcdFollower:
         self.on_change = on_change
         self.connected = False
         self.synced_revision = 0
+        self.heard_at = time.monotonic()
         self._logged: dict[str, str] = {}
+
+    def lag_seconds(self) -> float:
+        return time.monotonic() - self.heard_at
 
     def _apply(self, key: str, value: bytes | None, revision: int) -> None:
         rejection = self.state.apply(key, value, revision)
@@ -182,6 +187,7 @@ class EtcdFollower:
                     self.connected = True
                     backoff = 0.2
                     self.synced_revision = revision
+                    self.heard_at = time.monotonic()
                     self.on_change(revision)
                     await self._watch(client, revision + 1)
             except asyncio.CancelledError:
@@ -200,6 +206,7 @@ class EtcdFollower:
         name = self.settings.prefix
         async for reply in client.watch.watch(name, range_end=prefix_range_end(name),
                                               start_revision=start, progress_notify=True):
+            self.heard_at = time.monotonic()
             if reply.compact_revision or reply.canceled:
                 log.warning("etcd watch %s (compacted at %d); re-listing",
                             "cancelled" if reply.canceled else "compacted",

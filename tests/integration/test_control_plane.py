@@ -164,6 +164,21 @@ async def test_two_envoys_on_one_control_plane_converge(stack: Stack,
     await asyncio.to_thread(wait_for,
                             lambda: second.versions() == stack.envoy.versions(), 30,
                             "both Envoys on the same versions")
+    metrics = await asyncio.to_thread(
+        _get, f"http://127.0.0.1:{stack.control_plane.metrics_port}/metrics")
+    assert "hotpath_xds_connected_envoys 2" in metrics
+    assert re.search(r'hotpath_xds_responses_total\{type="CDS"\} [1-9]', metrics)
+    assert "hotpath_etcd_connected 1" in metrics
+    health = await asyncio.to_thread(
+        _get, f"http://127.0.0.1:{stack.control_plane.metrics_port}/healthz")
+    assert health.strip() == "ok"
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return str(reply.read().decode())
 
 
 async def test_envoy_nack_is_logged_once_and_not_resent(tmp_path, etcd_server, prefix,

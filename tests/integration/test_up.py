@@ -48,13 +48,15 @@ class Up:
 
 def start_up(workdir: Path, *extra: str) -> Up:
     ports = {name: processes.free_port() for name in
-             ("listen", "admin", "xds", "etcd", "peer", "sim")}
+             ("listen", "admin", "xds", "etcd", "peer", "sim", "metrics", "prober")}
     # Three consecutive free ports for the simulators are likely but not certain; the sim
     # port only matters in tests that use the simulators.
     command = [sys.executable, "-m", "control_plane", "up",
                "--listen", f"127.0.0.1:{ports['listen']}", "--admin-port", str(ports["admin"]),
                "--xds-port", str(ports["xds"]), "--etcd-port", str(ports["etcd"]),
-               "--etcd-peer-port", str(ports["peer"]), "--sim-port", str(ports["sim"]), *extra]
+               "--etcd-peer-port", str(ports["peer"]), "--sim-port", str(ports["sim"]),
+               "--metrics-port", str(ports["metrics"]),
+               "--prober-metrics-port", str(ports["prober"]), *extra]
     out = open(workdir / "up.out", "w")  # noqa: SIM115 - the child holds it; closed below
     try:
         process = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
@@ -201,7 +203,7 @@ def test_up_twice_with_sigint_leaves_no_process_and_no_port(tmp_path: Path) -> N
         for pid in children:
             assert not alive(pid), f"run {run}: child {pid} survived"
         for name, port in running.ports.items():
-            if name != "sim":
+            if name not in ("sim", "prober"):
                 wait_for(lambda port=port: not processes.port_open("127.0.0.1", port), 10,
                          f"port {name} to be released")
 
