@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -109,10 +110,15 @@ def check_name(key: str, what: str, value: str) -> str:
     return value
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _load_object(key: str, raw: bytes | str) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # NaN/Infinity are not JSON; Python accepts them, and a NaN timestamp never goes stale.
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(key, f"value is not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ConfigError(key, f"value must be a JSON object, got {type(value).__name__}")
@@ -132,6 +138,8 @@ def _number(key: str, name: str, value: Any, *, minimum: float, integer: bool = 
     if isinstance(value, bool) or not isinstance(value, ok_type):
         kind = "an integer" if integer else "a number"
         raise ConfigError(key, f"{name} must be {kind}, got {json.dumps(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{name} must be a finite number, got {value}")
     if value < minimum:
         raise ConfigError(key, f"{name} must be >= {minimum:g}, got {value}")
     return value
@@ -149,7 +157,10 @@ _WARMUP_FIELDS = ("path", "body", "interval_s", "timeout_s", "cold_ttft_ms")
 def parse_warmup(key: str, value: Any) -> Warmup:
     if not isinstance(value, dict):
         raise ConfigError(key, f"warmup must be an object, got {json.dumps(value)}")
-    _reject_unknown(f"{key} warmup", value, _WARMUP_FIELDS)
+    unknown = sorted(set(value) - set(_WARMUP_FIELDS))
+    if unknown:
+        raise ConfigError(key, f"unknown warmup field(s) {', '.join(unknown)} "
+                               f"(allowed: {', '.join(_WARMUP_FIELDS)})")
     default = Warmup()
     path = _string(key, "warmup.path", value.get("path", default.path))
     if not path.startswith("/"):

@@ -38,6 +38,7 @@ class ConfigState:
         self._statuses: dict[tuple[str, str], Status] = {}
         self._rejected: dict[str, str] = {}
         self._seen: dict[str, bytes] = {}
+        self._seen_at: dict[str, int] = {}
         self.revision = 0
 
     @property
@@ -58,8 +59,16 @@ class ConfigState:
         self.revision = max(self.revision, revision)
         if value is None:
             self._seen.pop(key, None)
+            self._seen_at.pop(key, None)
         else:
             self._seen[key] = value
+            self._seen_at[key] = revision
+        rejection = self._try(key, value)
+        if key.startswith("pools/") and rejection is None:
+            self._retry_refused_pools()
+        return rejection
+
+    def _try(self, key: str, value: bytes | None) -> Rejection | None:
         try:
             self._apply(key, value)
         except ConfigError as exc:
@@ -67,6 +76,13 @@ class ConfigState:
             return Rejection(key=key, message=str(exc))
         self._rejected.pop(key, None)
         return None
+
+    def _retry_refused_pools(self) -> None:
+        """A pool refused for a model another pool owned may apply once that pool changed."""
+        refused = [k for k in self._rejected if k.startswith("pools/") and k in self._seen]
+        # In write order: the pool that asked first gets the model, as on a fresh read.
+        for key in sorted(refused, key=lambda k: (self._seen_at.get(k, 0), k)):
+            self._try(key, self._seen[key])
 
     def _apply(self, key: str, value: bytes | None) -> None:
         parts = key.split("/")

@@ -156,9 +156,11 @@ class EtcdFollower:
 
     def _apply(self, key: str, value: bytes | None, revision: int) -> None:
         rejection = self.state.apply(key, value, revision)
+        still_refused = self.state.rejected
+        for recovered in [k for k in self._logged if k not in still_refused]:
+            del self._logged[recovered]
+            log.info("%s%s: accepted", self.settings.prefix, recovered)
         if rejection is None:
-            if self._logged.pop(key, None) is not None:
-                log.info("%s%s: accepted again", self.settings.prefix, key)
             return
         # Logged once per distinct reason, however often the key is re-read.
         if self._logged.get(key) != rejection.message:

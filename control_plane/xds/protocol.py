@@ -87,9 +87,11 @@ class AdsStream:
             return [], None  # stale: Envoy has not seen our latest response yet
         first = not state.subscribed
         state.subscribed = True
+        # Empty names on CDS/LDS, or the explicit "*", subscribe to everything.
         names = (
             frozenset(request.resource_names)
-            if request.type_url in _NAMED or request.resource_names
+            if (request.type_url in _NAMED or request.resource_names)
+            and "*" not in request.resource_names
             else None
         )
         names_changed = names != state.names

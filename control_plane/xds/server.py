@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 class XdsStats:
     """Counters for /metrics and status."""
 
-    connected: dict[str, str] = field(default_factory=dict)  # peer -> node id
+    connected: dict[int, str] = field(default_factory=dict)  # stream id -> node id
     pushes: dict[str, int] = field(default_factory=dict)  # type short name -> responses sent
     nacks: dict[str, int] = field(default_factory=dict)
     acked: dict[str, dict[str, str]] = field(default_factory=dict)  # node -> type -> version
@@ -60,6 +61,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     def __init__(self) -> None:
         self.snapshot = Snapshot()
         self.stats = XdsStats()
+        self._stream_ids = itertools.count(1)
         self._streams: set[asyncio.Queue[discovery_pb2.DiscoveryRequest | Snapshot | None]] = set()
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -73,6 +75,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         peer = context.peer()
+        stream_id = next(self._stream_ids)  # streams may share one connection (one peer)
         stream = AdsStream()
         # One queue per stream carries both Envoy's requests and new snapshots, in order.
         events: asyncio.Queue[discovery_pb2.DiscoveryRequest | Snapshot | None] = (
@@ -97,7 +100,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                 if isinstance(event, Snapshot):
                     responses = stream.on_snapshot(event)
                 else:
-                    node_id = self._note_node(peer, event, node_id)
+                    node_id = self._note_node(stream_id, peer, event, node_id)
                     responses = self._on_request(stream, event, node_id)
                 for response in responses:
                     short = SHORT_NAMES.get(response.type_url, response.type_url)
@@ -106,16 +109,17 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     yield to_message(response)
         finally:
             self._streams.discard(events)
-            self.stats.connected.pop(peer, None)
+            self.stats.connected.pop(stream_id, None)
             reader.cancel()
             log.info("envoy %s disconnected", node_id)
 
-    def _note_node(self, peer: str, message: discovery_pb2.DiscoveryRequest, node_id: str) -> str:
+    def _note_node(self, stream_id: int, peer: str, message: discovery_pb2.DiscoveryRequest,
+                   node_id: str) -> str:
         if not message.node.id:
             return node_id  # Envoy sends the node only on a stream's first request
-        if peer not in self.stats.connected:
+        if stream_id not in self.stats.connected:
             log.info("envoy %s connected from %s", message.node.id, peer)
-        self.stats.connected[peer] = message.node.id
+        self.stats.connected[stream_id] = message.node.id
         return str(message.node.id)
 
     def _on_request(self, stream: AdsStream, message: discovery_pb2.DiscoveryRequest,
@@ -141,11 +145,14 @@ async def start_xds_server(servicer: AdsServicer, address: str) -> tuple[grpc.ai
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            # A second control plane on the same port must fail, not split the Envoys.
+            ("grpc.so_reuseport", 0),
         ]
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind the xDS server to {address}")
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind the xDS server to {address} (in use?): {exc}") from None
     await server.start()
     return server, port

@@ -178,11 +178,6 @@ def test_model_free_again_after_owner_deleted_and_second_pool_rewritten() -> Non
     assert set(state.config().pools) == {"other"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConfigState never re-evaluates a pool refused for a shared model when the owner "
-    "goes away: it stays refused until re-written (a restarted control plane accepts it)",
-)
 def test_refused_pool_takes_effect_when_owner_deleted() -> None:
     state = ConfigState()
     state.apply("pools/chat", raw({"models": ["llama"]}))

@@ -1,0 +1,146 @@
+"""The gateways people pick instead of hotpath, started in front of the same backends.
+
+- nginx (Debian package `nginx`): `hash $http_x_session_id consistent` (ketama), upstream
+  keepalive, no response buffering so streams pass through.
+- vllm-router (PyPI `vllm-router`, Rust): `--policy consistent_hash`, which keys on the
+  `x-session-id` header.
+- sglang-router (PyPI `sglang-router`, Rust): `--policy cache_aware`, its default and flagship
+  (a prefix tree of recent requests per worker; this version has no consistent-hash policy).
+
+Each is looked up in `--peers-bin` (or HOTPATH_BENCH_PEERS_BIN), then beside this Python, then
+on PATH, and skipped with a note when absent. The two routers pull web frameworks of their own:
+install them in a separate virtual environment and point `--peers-bin` at its bin/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from control_plane import processes
+from control_plane.bench.procs import BenchError, ProcessGroup
+from control_plane.bench.strategies import Backend
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    label: str
+    binary: str
+    install: str
+
+
+PEERS = (
+    Peer("nginx-hash", "nginx hash consistent", "nginx", "apt-get install -y nginx"),
+    Peer("vllm-router", "vllm-router consistent_hash", "vllm-router",
+         "python -m venv ~/.hotpath-peers && ~/.hotpath-peers/bin/pip install vllm-router; "
+         "then --peers-bin ~/.hotpath-peers/bin"),
+    Peer("sglang-router", "sglang-router cache_aware", "sglang-router",
+         "python -m venv ~/.hotpath-peers && ~/.hotpath-peers/bin/pip install sglang-router; "
+         "then --peers-bin ~/.hotpath-peers/bin"),
+)
+PEER_BY_NAME = {p.name: p for p in PEERS}
+
+
+def find_peer(peer: Peer, peers_bin: str | None) -> str | None:
+    dirs = [d for d in (peers_bin, os.environ.get("HOTPATH_BENCH_PEERS_BIN")) if d]
+    dirs.append(str(Path(sys.executable).parent))
+    for d in dirs:
+        candidate = Path(d).expanduser() / peer.binary
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which(peer.binary)
+    if found is None and peer.binary == "nginx" and Path("/usr/sbin/nginx").exists():
+        found = "/usr/sbin/nginx"  # Debian's nginx is outside a normal user's PATH
+    return found
+
+
+def nginx_conf(workdir: Path, port: int, backends: Sequence[Backend]) -> str:
+    servers = "\n".join(f"    server {b.host}:{b.port};" for b in backends)
+    # Run as root (sandboxes, CI): workers would be `nobody` and could not use the temp dirs.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"  {kind}_temp_path {workdir}/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""{user}daemon off;
+worker_processes auto;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log {workdir}/access.log;
+{temp}
+  upstream pool {{
+    hash $http_x_session_id consistent;
+{servers}
+    keepalive 128;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 8m;
+    location / {{
+      proxy_pass http://pool;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 900s;
+    }}
+  }}
+}}
+"""
+
+
+def peer_command(peer: Peer, binary: str, workdir: Path, port: int,
+                 backends: Sequence[Backend]) -> list[str]:
+    urls = [b.url for b in backends]
+    if peer.name == "nginx-hash":
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "nginx.conf"
+        conf.write_text(nginx_conf(workdir, port, backends))
+        return [binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
+    metrics = str(processes.free_port())  # their Prometheus exporters default to a fixed port
+    if peer.name == "vllm-router":
+        return [binary, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls,
+                "--policy", "consistent_hash", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", metrics, "--log-level", "warning"]
+    if peer.name == "sglang-router":
+        return [binary, "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls",
+                *urls, "--policy", "cache_aware", "--prometheus-host", "127.0.0.1",
+                "--prometheus-port", metrics, "--log-level", "warn"]
+    raise ValueError(f"unknown peer {peer.name}")
+
+
+async def start_peer(group: ProcessGroup, peer: Peer, binary: str, backends: Sequence[Backend],
+                     tag: str) -> tuple[str, object]:
+    """Start `peer` in front of `backends`; (its URL, the process) once it forwards requests."""
+    port = processes.free_port()
+    name = f"{peer.name}-{tag}"
+    child = group.start(name, peer_command(peer, binary, group.workdir / name, port, backends))
+    url = f"http://127.0.0.1:{port}"
+    await group.wait(name, child, lambda: processes.port_open("127.0.0.1", port), 60,
+                     "listening")
+    # The routers accept connections before their workers are registered: wait until a
+    # request that warms nothing (GET /v1/models) goes through.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while True:
+            if child.poll() is not None:
+                raise group.fail(name, f"exited with code {child.returncode}")
+            try:
+                async with http.get(f"{url}/v1/models") as resp:
+                    if resp.status == 200:
+                        break
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if loop.time() > deadline:
+                raise BenchError(f"{name} does not forward GET /v1/models after 60s; see "
+                                 f"{group.log_path(name)}")
+            await asyncio.sleep(0.2)
+    return url, child

@@ -1,0 +1,335 @@
+"""Turn results into numbers, and numbers into a terminal table, a JSON file and a PNG chart.
+
+Pure except `write_json` and `write_png`. Latencies are reported in scenario seconds (wall time
+divided by the simulator's time_scale), so they read as they would on real hardware.
+matplotlib is optional: without it the chart is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from control_plane.bench.replay import TurnResult
+
+SCHEMA = "hotpath-bench/1"
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default); None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Percentiles:
+        return cls(percentile(values, 50), percentile(values, 95), percentile(values, 99))
+
+
+@dataclass(frozen=True)
+class ServerCounters:
+    """What a simulated server says about itself (its /metrics), after one strategy's run."""
+
+    requests: int  # generations it ran: the client's turns plus any probes
+    prompt_tokens: int
+    generation_tokens: int
+    cold_starts: int
+
+
+@dataclass
+class StrategyReport:
+    name: str
+    label: str
+    available: bool = True
+    note: str = ""
+    turns: int = 0
+    ok: int = 0
+    errors: int = 0
+    truncated: bool = False  # the replay deadline cut it short
+    ttft_s: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
+    e2e_s: Percentiles = field(default_factory=lambda: Percentiles(None, None, None))
+    # Returning turns (turn >= 2): cached tokens / tokens the previous turn left cacheable.
+    prefix_hit_ratio: float | None = None
+    returning_turns_hit: float | None = None  # share of returning turns with >= 90% of it
+    cold_hits: int = 0  # turns whose TTFT shows they waited for a model load
+    cold_starts: int | None = None  # model loads, from the servers' metrics
+    per_server: dict[str, int] = field(default_factory=dict)
+    probe_requests: int | None = None  # generations the servers ran that no client asked for
+    probe_tokens: int | None = None  # their prompt + generated tokens
+    first_error: str | None = None
+
+
+def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scale: float,
+              cold_ttft_s: float, truncated: bool = False,
+              servers: Mapping[str, ServerCounters] | None = None) -> StrategyReport:
+    """One strategy's numbers. `cold_ttft_s` is in scenario seconds."""
+    rows = list(results)
+    good = [r for r in rows if r.ok]
+    scale = 1 / time_scale
+    ttfts = [r.ttft_s * scale for r in good if r.ttft_s is not None]
+    e2es = [r.e2e_s * scale for r in good if r.e2e_s is not None]
+    returning = [r for r in good if r.turn > 0 and r.reusable_tokens > 0
+                 and r.cached_tokens is not None]
+    hit_ratio = hit_turns = None
+    if returning:
+        cached = sum(min(r.cached_tokens or 0, r.reusable_tokens) for r in returning)
+        hit_ratio = cached / sum(r.reusable_tokens for r in returning)
+        hit_turns = sum((r.cached_tokens or 0) >= 0.9 * r.reusable_tokens
+                        for r in returning) / len(returning)
+    report = StrategyReport(
+        name=name, label=label, turns=len(rows), ok=len(good), errors=len(rows) - len(good),
+        truncated=truncated, ttft_s=Percentiles.of(ttfts), e2e_s=Percentiles.of(e2es),
+        prefix_hit_ratio=hit_ratio, returning_turns_hit=hit_turns,
+        cold_hits=sum(t >= cold_ttft_s for t in ttfts),
+        per_server=dict(sorted(Counter(r.server or "?" for r in good).items())),
+        first_error=next((r.error for r in rows if r.error), None),
+    )
+    if servers:
+        report.cold_starts = sum(s.cold_starts for s in servers.values())
+        served = sum(s.requests for s in servers.values())
+        # Failed turns may still have run on a server; only count what clients did not send.
+        report.probe_requests = max(0, served - len(rows))
+        client_tokens = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in good)
+        total_tokens = sum(s.prompt_tokens + s.generation_tokens for s in servers.values())
+        report.probe_tokens = max(0, total_tokens - client_tokens)
+    return report
+
+
+def unavailable(name: str, label: str, note: str) -> StrategyReport:
+    return StrategyReport(name=name, label=label, available=False, note=note)
+
+
+@dataclass
+class OverheadReport:
+    """Gateway cost on a static upstream. Latency at one connection (added = minus direct);
+    throughput at saturation."""
+
+    name: str
+    label: str
+    available: bool = True
+    note: str = ""
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+    rps: float | None = None
+    load_p99_ms: float | None = None
+    errors: int = 0
+
+
+# -- targets (from issue #6; reported, never asserted) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    value: float | None
+    goal: str
+    met: bool | None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def targets(strategies: Sequence[StrategyReport], overhead: Sequence[OverheadReport]
+            ) -> list[Target]:
+    by = {s.name: s for s in strategies if s.available and s.ok}
+    out: list[Target] = []
+    for name in ("ring_hash_prober", "ring_hash"):
+        hp = by.get(name)
+        if hp is None:
+            continue
+        rr, oracle = by.get("round_robin"), by.get("oracle")
+        r = _ratio(hp.e2e_s.p95, rr.e2e_s.p95 if rr else None)
+        out.append(Target(f"{name} p95 e2e / round_robin", r, "<= 0.35",
+                          None if r is None else r <= 0.35))
+        r = _ratio(hp.e2e_s.p95, oracle.e2e_s.p95 if oracle else None)
+        out.append(Target(f"{name} p95 e2e / oracle", r, "<= 1.15",
+                          None if r is None else r <= 1.15))
+        h = hp.prefix_hit_ratio
+        out.append(Target(f"{name} prefix-cache hit ratio, returning turns", h, ">= 0.97",
+                          None if h is None else h >= 0.97))
+    ov = {o.name: o for o in overhead if o.available and o.rps}
+    hp_o = ov.get("hotpath")
+    if hp_o is not None:
+        for peer, goal in (("vllm-router", 1.5), ("nginx-hash", 0.6)):
+            other = ov.get(peer)
+            if other is None:
+                continue
+            r = _ratio(hp_o.rps, other.rps)
+            out.append(Target(f"hotpath throughput / {peer}", r, f">= {goal}",
+                              None if r is None else r >= goal))
+            if hp_o.p99_ms is not None and other.p99_ms is not None:
+                d = hp_o.p99_ms - other.p99_ms
+                out.append(Target(f"hotpath p99 - {peer} p99 (ms, 1 connection)", d, "<= 1.0",
+                                  d <= 1.0))
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(out)
+
+
+def format_strategies(strategies: Sequence[StrategyReport]) -> str:
+    header = ["strategy", "turns ok", "TTFT p50/p95/p99 s", "e2e p50/p95/p99 s", "prefix hit",
+              "cold hits", "loads", "requests per server", "probe req"]
+    rows = []
+    notes = []
+    for s in strategies:
+        if not s.available:
+            notes.append(f"{s.label}: not run: {s.note}")
+            continue
+        t, e = s.ttft_s, s.e2e_s
+        rows.append([
+            s.label, f"{s.ok}/{s.turns}" + (" (cut)" if s.truncated else ""),
+            f"{_f(t.p50)}/{_f(t.p95)}/{_f(t.p99)}", f"{_f(e.p50)}/{_f(e.p95)}/{_f(e.p99)}",
+            _pct(s.prefix_hit_ratio), str(s.cold_hits),
+            "-" if s.cold_starts is None else str(s.cold_starts),
+            " ".join(str(n) for n in s.per_server.values()) or "-",
+            "-" if s.probe_requests is None else str(s.probe_requests),
+        ])
+        if s.errors:
+            notes.append(f"{s.label}: {s.errors} failed turn(s), first: {s.first_error}")
+        if s.note:
+            notes.append(f"{s.label}: {s.note}")
+    return "\n".join([_table(header, rows), *notes])
+
+
+def format_overhead(overhead: Sequence[OverheadReport]) -> str:
+    header = ["gateway", "p50 ms", "p99 ms", "added p50/p99 ms", "max req/s", "p99 ms @max",
+              "errors"]
+    rows, notes = [], []
+    for o in overhead:
+        if not o.available:
+            notes.append(f"{o.label}: not run: {o.note}")
+            continue
+        rows.append([o.label, _f(o.p50_ms, 3), _f(o.p99_ms, 3),
+                     f"{_f(o.added_p50_ms, 3)}/{_f(o.added_p99_ms, 3)}",
+                     "-" if o.rps is None else f"{o.rps:,.0f}", _f(o.load_p99_ms, 2),
+                     str(o.errors)])
+        if o.note:
+            notes.append(f"{o.label}: {o.note}")
+    return "\n".join([_table(header, rows), *notes])
+
+
+def format_targets(found: Sequence[Target]) -> str:
+    rows = [[t.what, _f(t.value, 3), t.goal,
+             "n/a" if t.met is None else ("met" if t.met else "NOT met")] for t in found]
+    return _table(["target (issue #6)", "value", "goal", ""], rows) if rows else ""
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    parts = ["Chat replay (latencies in scenario seconds):",
+             format_strategies(report["strategies_obj"])]
+    if report["overhead_obj"]:
+        parts += ["", "Gateway overhead (static upstream, POST bodies, rotating session ids):",
+                  format_overhead(report["overhead_obj"])]
+    found = format_targets(report["targets_obj"])
+    if found:
+        parts += ["", found]
+    return "\n".join(parts)
+
+
+def build_report(meta: Mapping[str, Any], strategies: Sequence[StrategyReport],
+                 overhead: Sequence[OverheadReport]) -> dict[str, Any]:
+    """The JSON document; the *_obj keys hold the objects for formatting and are not saved."""
+    found = targets(strategies, overhead)
+    return {
+        "schema": SCHEMA,
+        **meta,
+        "strategies": [asdict(s) for s in strategies],
+        "overhead": [asdict(o) for o in overhead],
+        "targets": [asdict(t) for t in found],
+        "strategies_obj": list(strategies),
+        "overhead_obj": list(overhead),
+        "targets_obj": found,
+    }
+
+
+def write_json(report: Mapping[str, Any], path: Path) -> None:
+    data = {k: v for k, v in report.items() if not k.endswith("_obj")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_png(report: Mapping[str, Any], path: Path) -> str | None:
+    """Draw the chart; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no chart"
+    strategies = [s for s in report["strategies_obj"] if s.available and s.ok]
+    overhead = [o for o in report["overhead_obj"] if o.available and o.rps]
+    panels = 3 + (1 if overhead else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
+    labels = [s.label for s in strategies]
+    x = list(range(len(strategies)))
+    width = 0.27
+    for ax, attr, title in ((axes[0], "e2e_s", "End-to-end latency (s)"),
+                            (axes[1], "ttft_s", "Time to first token (s)")):
+        for k, q in enumerate(("p50", "p95", "p99")):
+            values = [getattr(getattr(s, attr), q) or 0.0 for s in strategies]
+            ax.bar([i + (k - 1) * width for i in x], values, width, label=q)
+        ax.set_title(title)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
+    ax.bar(x, [100 * (s.prefix_hit_ratio or 0.0) for s in strategies], 0.6, color="tab:green")
+    for i, s in enumerate(strategies):
+        ax.annotate(f"{s.cold_hits} cold", (i, 100 * (s.prefix_hit_ratio or 0.0)),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_title("Prefix-cache hit, returning turns (%)")
+    ax.set_ylim(0, 110)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    if overhead:
+        ax = axes[3]
+        ox = list(range(len(overhead)))
+        ax.bar(ox, [o.rps for o in overhead], 0.6, color="tab:purple")
+        for i, o in enumerate(overhead):
+            ax.annotate(f"p99 {o.p99_ms:.2f} ms" if o.p99_ms is not None else "",
+                        (i, o.rps), ha="center", va="bottom", fontsize=7)
+        ax.set_title("Gateway max throughput (req/s)")
+        ax.set_xticks(ox, [o.label for o in overhead], rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(str(report.get("title", "hotpath bench")), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,290 @@
+"""What each strategy runs: simulated servers, the hotpath stack, peers, and the oracle.
+
+Fairness rules (docs/benchmark.md explains them):
+- Every strategy gets fresh simulated servers (a new process, cold, empty caches) with the same
+  parameters and seeds, and replays the same workload.
+- The hotpath stack (etcd, control plane, Envoy) is started once. Between strategies the pool
+  `bench` gets its new endpoints and load balancer and the bench waits until Envoy's admin shows
+  both, so no request of one strategy meets the previous strategy's config.
+- The oracle sends each session straight to a server dealt to it in arrival order, after one
+  priming request per server: every turn meets a warm server that holds its prefix, with no
+  gateway in between. It is the lower bound for a sticky router, not for every conceivable one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import re
+import sys
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from control_plane import processes
+from control_plane.bench.procs import BenchError, ProcessGroup
+from control_plane.bench.report import ServerCounters
+from control_plane.bootstrap import BootstrapSettings, render_bootstrap
+from control_plane.sim.model import SimParams
+from control_plane.store.etcd import EtcdSettings, delete, etcd_client, put_json
+
+BENCH_POOL = "bench"
+STATIC_POOL = "static"
+STATIC_MODEL = "hotpath-bench-static"
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    label: str
+    kind: str  # "hotpath", "oracle" or "peer"
+    lb: str | None = None  # hotpath: the pool's lb
+    prober: bool = False
+    peer: str | None = None
+
+
+STRATEGIES = (
+    StrategySpec("round_robin", "round robin (Envoy)", "hotpath", lb="round_robin"),
+    StrategySpec("least_request", "least request (Envoy)", "hotpath", lb="least_request"),
+    StrategySpec("ring_hash", "hotpath ring hash", "hotpath", lb="ring_hash"),
+    StrategySpec("ring_hash_prober", "hotpath ring hash + prober", "hotpath", lb="ring_hash",
+                 prober=True),
+    StrategySpec("oracle", "oracle (warm, sticky, direct)", "oracle"),
+    StrategySpec("nginx-hash", "nginx hash consistent", "peer", peer="nginx-hash"),
+    StrategySpec("vllm-router", "vllm-router consistent_hash", "peer", peer="vllm-router"),
+    StrategySpec("sglang-router", "sglang-router cache_aware", "peer", peer="sglang-router"),
+)
+BY_NAME = {s.name: s for s in STRATEGIES}
+
+
+def prober_available() -> bool:
+    """The prober of issue 5, wired as `hotpath prober` (the same command line `up` uses)."""
+    if importlib.util.find_spec("control_plane.warmth.prober") is None:
+        return False
+    from control_plane.cli import build_parser
+
+    parser = build_parser()
+    return any(isinstance(a, argparse._SubParsersAction) and "prober" in a.choices
+               for a in parser._actions)
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+_SIM_LINE = re.compile(r"^sim (\S+) on http://([0-9.]+):(\d+) model", re.MULTILINE)
+
+
+async def start_sims(group: ProcessGroup, name: str, count: int, params: SimParams, model: str
+                     ) -> tuple[list[Backend], Any]:
+    """`count` fresh simulated servers in one child process; (backends, the process)."""
+    command = [sys.executable, "-m", "control_plane", "sim", "--count", str(count),
+               "--port", "0", "--name", name, "--model", model]
+    for f in dataclasses.fields(SimParams):
+        command += ["--" + f.name.replace("_", "-"), str(getattr(params, f.name))]
+    log = group.log_path(name)
+    log.unlink(missing_ok=True)
+    child = group.start(name, command)
+
+    def ready() -> bool:
+        return log.exists() and len(_SIM_LINE.findall(log.read_text(errors="replace"))) >= count
+
+    await group.wait(name, child, ready, 30, f"{count} servers listening")
+    found = _SIM_LINE.findall(log.read_text(errors="replace"))[:count]
+    return [Backend(n, host, int(port)) for n, host, port in found], child
+
+
+_METRIC = re.compile(r"^([a-zA-Z_:]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$", re.MULTILINE)
+
+
+def parse_sim_metrics(text: str) -> ServerCounters:
+    values = {name: float(v) for name, v in _METRIC.findall(text)}
+    return ServerCounters(
+        requests=int(values.get("vllm:time_to_first_token_seconds_count", 0)),
+        prompt_tokens=int(values.get("vllm:prompt_tokens_total", 0)),
+        generation_tokens=int(values.get("vllm:generation_tokens_total", 0)),
+        cold_starts=int(values.get("hotpath_sim_cold_starts_total", 0)),
+    )
+
+
+async def scrape(backends: Sequence[Backend]) -> dict[str, ServerCounters] | None:
+    """Counters of simulated servers; None when any of them has no such metrics."""
+    out: dict[str, ServerCounters] = {}
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for b in backends:
+            try:
+                async with http.get(f"{b.url}/metrics") as resp:
+                    text = await resp.text()
+            except (aiohttp.ClientError, TimeoutError):
+                return None
+            if "hotpath_sim_cold_starts_total" not in text:
+                return None
+            out[b.name] = parse_sim_metrics(text)
+    return out
+
+
+async def prime(backends: Sequence[Backend], model: str, system_prompt: str,
+                timeout_s: float) -> None:
+    """One tiny request per server (concurrently): loads the model and caches the shared system
+    prompt, which is all a server can hold before the sessions start."""
+    body = {"model": model, "max_tokens": 1,
+            "messages": [{"role": "system", "content": system_prompt},
+                         {"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+
+        async def one(b: Backend) -> None:
+            async with http.post(f"{b.url}/v1/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise BenchError(f"priming {b.url} got {resp.status}: "
+                                     f"{(await resp.text())[:200]}")
+                await resp.read()
+
+        await asyncio.gather(*(one(b) for b in backends))
+
+
+# -- the hotpath stack -------------------------------------------------------------------------
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return json.load(reply)
+
+
+class HotpathStack:
+    """etcd (embedded unless one is given), the control plane and one Envoy, on free ports."""
+
+    def __init__(self, group: ProcessGroup, etcd_url: str | None = None,
+                 prefix: str = "/hotpath-bench/") -> None:
+        self.group = group
+        self.etcd_url = etcd_url
+        self.settings = EtcdSettings(urls=etcd_url or "", prefix=prefix)
+        self.listen_port = 0
+        self.admin_url = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    async def start(self) -> None:
+        g = self.group
+        if self.etcd_url is None:
+            client, peer = processes.free_port(), processes.free_port()
+            self.etcd_url = f"http://127.0.0.1:{client}"
+            etcd = g.start("etcd", processes.etcd_command(g.workdir / "etcd", client, peer,
+                                                          name="bench"))
+            url = self.etcd_url
+            await g.wait("etcd", etcd, lambda: processes.http_ok(f"{url}/health"), 30,
+                         "GET /health")
+        self.settings = dataclasses.replace(self.settings, urls=self.etcd_url)
+        async with etcd_client(self.settings) as client:  # a fresh prefix: nothing left over
+            await delete(client, self.settings, "", prefix=True)
+        xds, self.listen_port = processes.free_port(), processes.free_port()
+        cp = g.start("control-plane", [
+            sys.executable, "-m", "control_plane", "control-plane", "--etcd", self.etcd_url,
+            "--prefix", self.settings.prefix, "--xds", f"127.0.0.1:{xds}",
+            "--listen", f"127.0.0.1:{self.listen_port}",
+            "--access-log", str((g.workdir / "envoy-access.log").resolve())])
+        await g.wait("control-plane", cp, lambda: processes.port_open("127.0.0.1", xds), 30,
+                     "xDS port")
+        bootstrap = g.workdir / "envoy-bootstrap.yaml"
+        bootstrap.write_text(render_bootstrap(BootstrapSettings(
+            node_id="hotpath-bench", xds_port=xds, admin_port=0)))
+        address = g.workdir / "envoy-admin.txt"
+        address.unlink(missing_ok=True)
+        envoy = g.start("envoy", processes.envoy_command(bootstrap, address))
+        await g.wait("envoy", envoy, lambda: address.exists() and address.read_text().strip(),
+                     30, "admin address")
+        self.admin_url = f"http://{address.read_text().strip()}"
+        port = self.listen_port
+        await g.wait("envoy", envoy, lambda: processes.port_open("127.0.0.1", port), 60,
+                     "listener")
+
+    async def put_pools(self, pools: dict[str, dict[str, Any]]) -> None:
+        """Write the pools, then wait until Envoy knows each model (503 without endpoints,
+        not 404), so later switches only touch clusters and endpoints."""
+        async with etcd_client(self.settings) as client:
+            for name, value in pools.items():
+                await put_json(client, self.settings, f"pools/{name}", value)
+        models = [m for value in pools.values() for m in value["models"]]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            for model in models:
+                while True:
+                    # No messages: a backend would refuse it, so it can never warm one.
+                    async with http.post(f"{self.url}/v1/chat/completions",
+                                         json={"model": model}) as resp:
+                        if resp.status != 404:
+                            break
+                    if loop.time() > deadline:
+                        raise BenchError(f"Envoy did not learn model {model} in 30s")
+                    await asyncio.sleep(0.1)
+
+    async def switch(self, pool: str, value: dict[str, Any], backends: Sequence[Backend],
+                     old: Sequence[str] = ()) -> list[str]:
+        """Replace the pool's endpoints and settings; wait until Envoy runs exactly them.
+        Returns the endpoint ids (pass them as `old` to the next switch)."""
+        ids = [f"{b.name}-{b.port}" for b in backends]
+        async with etcd_client(self.settings) as client:
+            for endpoint in old:
+                await delete(client, self.settings, f"endpoints/{pool}/{endpoint}")
+                await delete(client, self.settings, f"status/{pool}/{endpoint}")
+            await put_json(client, self.settings, f"pools/{pool}", value)
+            for endpoint, b in zip(ids, backends, strict=True):
+                await put_json(client, self.settings, f"endpoints/{pool}/{endpoint}",
+                               {"address": b.host, "port": b.port})
+        want_lb = {"round_robin": None, "least_request": "LEAST_REQUEST",
+                   "ring_hash": "RING_HASH", "maglev": "MAGLEV"}[value.get("lb", "ring_hash")]
+
+        def converged() -> bool:
+            hosts: set[str] = set()
+            for status in _get_json(f"{self.admin_url}/clusters?format=json").get(
+                    "cluster_statuses", []):
+                if status["name"] == pool:
+                    hosts = {h.get("hostname", "") for h in status.get("host_statuses", [])}
+            if hosts != set(ids):
+                return False
+            dump = _get_json(f"{self.admin_url}/config_dump?resource=dynamic_active_clusters")
+            for item in dump.get("configs", []):
+                cluster = item.get("cluster", {})
+                if cluster.get("name") == pool:
+                    return bool(cluster.get("lb_policy") == want_lb)
+            return False
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not await asyncio.to_thread(converged):
+            if loop.time() > deadline:
+                raise BenchError(f"Envoy did not converge on pool {pool} ({ids}) in 30s")
+            await asyncio.sleep(0.1)
+        return ids
+
+
+def prober_command(stack: HotpathStack) -> list[str]:
+    assert stack.etcd_url is not None
+    return [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd_url,
+            "--prefix", stack.settings.prefix, "--admin", stack.admin_url]
+
+
+def workdir_for(base: Path, name: str) -> Path:
+    path = base / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,388 @@
+"""AdsStream, the sans-IO state-of-the-world ADS protocol, driven by a checking fake Envoy.
+
+In the style of go-control-plane's server tests: every response the stream sends goes through
+``FakeEnvoy._sent``, which checks that nonces strictly increase on the stream, that the type
+URL is one we serve, that every resource is of that type, and that the version is the one the
+snapshot holds for the type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from control_plane.resources import types
+from control_plane.snapshot import Snapshot
+from control_plane.xds.protocol import AdsStream, Nack, Request, Response
+
+CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
+
+
+def make_snapshot(
+    versions: str | dict[str, str],
+    clusters: Iterable[str] = ("a", "b"),
+    routes: Iterable[str] = ("hotpath",),
+) -> Snapshot:
+    """A snapshot with one ClusterLoadAssignment per cluster; versions per type or for all."""
+    clusters = list(clusters)
+    resources: dict[str, dict[str, Message]] = {
+        CDS: {n: cluster_pb2.Cluster(name=n, type=cluster_pb2.Cluster.EDS) for n in clusters},
+        EDS: {n: endpoint_pb2.ClusterLoadAssignment(cluster_name=n) for n in clusters},
+        LDS: {"hotpath": listener_pb2.Listener(name="hotpath")},
+        RDS: {n: route_pb2.RouteConfiguration(name=n) for n in routes},
+    }
+    if isinstance(versions, str):
+        versions = {t: versions for t in types.PUSH_ORDER}
+    return Snapshot(resources=resources, versions=versions)
+
+
+def bump(snapshot: Snapshot, *type_urls: str, version: str) -> Snapshot:
+    return Snapshot(resources=snapshot.resources,
+                    versions={**snapshot.versions, **{t: version for t in type_urls}})
+
+
+def resource_name(resource: Message) -> str:
+    return str(getattr(resource, "name", "") or getattr(resource, "cluster_name", ""))
+
+
+class FakeEnvoy:
+    """Drives one AdsStream the way Envoy does, and checks every response it sends."""
+
+    def __init__(self) -> None:
+        self.stream = AdsStream()
+        self.sent: list[Response] = []
+        self.nacks: list[Nack] = []
+        self.last: dict[str, Response] = {}
+        self._last_nonce = 0
+
+    def _sent(self, responses: list[Response], snapshot: Snapshot) -> list[Response]:
+        for response in responses:
+            assert response.type_url in types.PUSH_ORDER, response.type_url
+            nonce = int(response.nonce)
+            assert nonce > self._last_nonce, f"nonce {nonce} after {self._last_nonce}"
+            self._last_nonce = nonce
+            assert response.version_info == snapshot.version(response.type_url)
+            assert response.version_info, "a response must carry a version"
+            for resource in response.resources:
+                packed = any_pb2.Any()
+                packed.Pack(resource)
+                assert packed.type_url == response.type_url
+            self.last[response.type_url] = response
+        self.sent.extend(responses)
+        return responses
+
+    def request(self, type_url: str, snapshot: Snapshot, *, version: str = "",
+                nonce: str = "", names: Iterable[str] = (), error: str | None = None
+                ) -> list[Response]:
+        responses, nack = self.stream.on_request(
+            Request(type_url, version, nonce, tuple(names), error), snapshot
+        )
+        if nack is not None:
+            self.nacks.append(nack)
+        return self._sent(responses, snapshot)
+
+    def ack(self, response: Response, snapshot: Snapshot, names: Iterable[str] = ()
+            ) -> list[Response]:
+        return self.request(response.type_url, snapshot, version=response.version_info,
+                            nonce=response.nonce, names=names)
+
+    def nack(self, response: Response, snapshot: Snapshot, accepted: str = "",
+             names: Iterable[str] = (), error: str = "bad cluster") -> list[Response]:
+        return self.request(response.type_url, snapshot, version=accepted,
+                            nonce=response.nonce, names=names, error=error)
+
+    def publish(self, snapshot: Snapshot) -> list[Response]:
+        return self._sent(self.stream.on_snapshot(snapshot), snapshot)
+
+    def connect(self, snapshot: Snapshot, eds: Iterable[str] = ("a", "b"),
+                rds: Iterable[str] = ("hotpath",)) -> None:
+        """Envoy's start-up: CDS, its EDS, LDS, its RDS; every response ACKed."""
+        for type_url, names in ((CDS, ()), (EDS, eds), (LDS, ()), (RDS, rds)):
+            (response,) = self.request(type_url, snapshot, names=names)
+            assert self.ack(response, snapshot, names=names) == []
+
+
+V1 = make_snapshot("v1")
+
+
+def test_initial_requests_answered() -> None:
+    envoy = FakeEnvoy()
+    (cds,) = envoy.request(CDS, V1)
+    assert cds.version_info == "v1"
+    assert [resource_name(r) for r in cds.resources] == ["a", "b"]  # wildcard: all
+    (eds,) = envoy.request(EDS, V1, names=["b"])
+    assert [resource_name(r) for r in eds.resources] == ["b"]  # named: only those
+    (lds,) = envoy.request(LDS, V1)
+    assert [resource_name(r) for r in lds.resources] == ["hotpath"]
+    (rds,) = envoy.request(RDS, V1, names=["hotpath"])
+    assert [resource_name(r) for r in rds.resources] == ["hotpath"]
+    assert [r.type_url for r in envoy.sent] == [CDS, EDS, LDS, RDS]
+    assert envoy.nacks == []
+
+
+def test_initial_request_with_a_version_from_a_previous_control_plane_answered() -> None:
+    envoy = FakeEnvoy()
+    (cds,) = envoy.request(CDS, V1, version="v0")
+    assert cds.version_info == "v1"
+
+
+def test_named_request_for_unknown_resource_answered_without_it() -> None:
+    envoy = FakeEnvoy()
+    (eds,) = envoy.request(EDS, V1, names=["a", "gone"])
+    assert [resource_name(r) for r in eds.resources] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("type_url", "names"), [(CDS, ()), (EDS, ("a",)), (LDS, ()), (RDS, ("hotpath",))]
+)
+def test_ack_not_answered_again(type_url: str, names: tuple[str, ...]) -> None:
+    envoy = FakeEnvoy()
+    (response,) = envoy.request(type_url, V1, names=names)
+    assert envoy.ack(response, V1, names=names) == []
+    assert envoy.stream.acked(type_url) == "v1"
+    assert envoy.publish(V1) == []  # same snapshot again: nothing to send
+
+
+def test_acked_empty_before_any_ack() -> None:
+    envoy = FakeEnvoy()
+    assert envoy.stream.acked(CDS) == ""
+    envoy.request(CDS, V1)
+    assert envoy.stream.acked(CDS) == ""
+
+
+def test_stale_nonce_ignored() -> None:
+    envoy = FakeEnvoy()
+    (first,) = envoy.request(CDS, V1)
+    v2 = bump(V1, CDS, version="v2")
+    (second,) = envoy.publish(v2)
+    # Envoy ACKs the first response after we sent the second: stale, ignored.
+    assert envoy.ack(first, v2) == []
+    assert envoy.stream.acked(CDS) == ""
+    # A NACK of the superseded response is stale as well: not reported, nothing re-sent.
+    assert envoy.nack(first, v2) == []
+    assert envoy.nacks == []
+    # A nonce this stream never sent for the type (here: another type's) is stale too.
+    (eds,) = envoy.request(EDS, v2, names=["a"])
+    assert envoy.request(CDS, v2, version="v2", nonce=eds.nonce) == []
+    assert envoy.stream.acked(CDS) == ""
+    assert envoy.ack(second, v2) == []
+    assert envoy.stream.acked(CDS) == "v2"
+
+
+def test_stale_request_with_new_names_ignored() -> None:
+    envoy = FakeEnvoy()
+    (first,) = envoy.request(EDS, V1, names=["a"])
+    v2 = bump(V1, EDS, version="v2")
+    envoy.publish(v2)
+    assert envoy.request(EDS, v2, version="v1", nonce=first.nonce, names=["a", "b"]) == []
+
+
+def test_nack_reported_once_and_rejected_version_never_resent() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    v2 = bump(V1, CDS, version="v2")
+    (pushed,) = envoy.publish(v2)
+    assert pushed.type_url == CDS and pushed.version_info == "v2"
+    assert envoy.nack(pushed, v2, accepted="v1", error="cluster b: bad lb") == []
+    assert envoy.nacks == [Nack(CDS, "v2", "cluster b: bad lb", ("a", "b"))]
+    assert envoy.stream.acked(CDS) == "v1"  # a NACK acknowledges nothing
+    # Envoy repeats the NACK (e.g. after another type's push): reported once, no re-send.
+    assert envoy.nack(pushed, v2, accepted="v1", error="cluster b: bad lb") == []
+    assert len(envoy.nacks) == 1
+    # The same snapshot again (an unrelated etcd write): v2 is still rejected.
+    assert envoy.publish(v2) == []
+    # Another type changes: only that type goes out, never the rejected CDS v2.
+    v2b = bump(v2, EDS, version="v2b")
+    assert [r.type_url for r in envoy.publish(v2b)] == [EDS]
+    assert all(r.type_url != CDS for r in envoy.ack(envoy.last[EDS], v2b, names=["a", "b"]))
+    # A newer CDS version is sent, and a NACK of it is reported again.
+    v3 = bump(v2b, CDS, version="v3")
+    (fixed,) = envoy.publish(v3)
+    assert fixed.type_url == CDS and fixed.version_info == "v3"
+    envoy.nack(fixed, v3, accepted="v1", error="still bad")
+    assert [n.version_info for n in envoy.nacks] == ["v2", "v3"]
+
+
+def test_nack_of_named_type_reports_the_names_sent() -> None:
+    envoy = FakeEnvoy()
+    (eds,) = envoy.request(EDS, V1, names=["b"])
+    assert envoy.nack(eds, V1, names=["b"], error="bad endpoint") == []
+    assert envoy.nacks == [Nack(EDS, "v1", "bad endpoint", ("b",))]
+
+
+def test_nack_then_newer_version_in_the_snapshot_given_to_the_request() -> None:
+    # The server hands on_request its latest snapshot; the newer version still goes out
+    # through on_snapshot, which follows in the stream's event queue.
+    envoy = FakeEnvoy()
+    (cds,) = envoy.request(CDS, V1)
+    v2 = bump(V1, CDS, version="v2")
+    assert envoy.nack(cds, v2) == []
+    assert [n.version_info for n in envoy.nacks] == ["v1"]
+    (pushed,) = envoy.publish(v2)
+    assert pushed.version_info == "v2"
+
+
+@pytest.mark.parametrize(("parent", "child", "names"),
+                         [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
+def test_rerequest_after_parent_push_is_answered(parent: str, child: str,
+                                                 names: tuple[str, ...]) -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    child_response = envoy.last[child]
+    v2 = bump(V1, parent, version="v2")
+    (pushed,) = envoy.publish(v2)
+    assert pushed.type_url == parent
+    assert envoy.ack(pushed, v2) == []
+    # Envoy re-created the clusters (listeners) and asks for their EDS (RDS) again with the
+    # version and nonce it already has: looks like an ACK, must be answered.
+    (again,) = envoy.request(child, v2, version=child_response.version_info,
+                             nonce=child_response.nonce, names=names)
+    assert again.type_url == child
+    assert again.version_info == "v1"
+    assert [resource_name(r) for r in again.resources] == sorted(names)
+    # Answered once: the ACK of that answer is not answered again.
+    assert envoy.ack(again, v2, names=names) == []
+
+
+@pytest.mark.parametrize(("parent", "child", "names"),
+                         [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
+def test_rerequest_without_parent_push_not_answered(parent: str, child: str,
+                                                    names: tuple[str, ...]) -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    child_response = envoy.last[child]
+    other = EDS if child == RDS else RDS  # a push of an unrelated type sets nothing up
+    v2 = bump(V1, other, version="v2")
+    envoy.publish(v2)
+    assert envoy.request(child, v2, version=child_response.version_info,
+                         nonce=child_response.nonce, names=names) == []
+
+
+def test_rerequest_after_cds_with_new_cluster_names_answered() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    eds = envoy.last[EDS]
+    v2 = make_snapshot({CDS: "v2", EDS: "v1", LDS: "v1", RDS: "v1"}, clusters=("a", "b", "c"))
+    (cds,) = envoy.publish(v2)
+    assert [resource_name(r) for r in cds.resources] == ["a", "b", "c"]
+    (again,) = envoy.request(EDS, v2, version="v1", nonce=eds.nonce, names=["a", "b", "c"])
+    assert [resource_name(r) for r in again.resources] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(("parent", "child", "names"),
+                         [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
+def test_child_pushed_with_parent_is_answered_once_more_then_quiet(
+        parent: str, child: str, names: tuple[str, ...]) -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    v2 = bump(V1, parent, child, version="v2")
+    assert [r.type_url for r in envoy.publish(v2)] == [parent, child]
+    # Envoy may subscribe the re-created clusters (listeners) after the EDS (RDS) response
+    # that went along was applied; its next EDS (RDS) request is answered once more, so a
+    # re-created cluster never waits for the initial fetch timeout. Then the stream is quiet.
+    assert envoy.ack(envoy.last[parent], v2) == []
+    (again,) = envoy.ack(envoy.last[child], v2, names=names)
+    assert again.type_url == child and again.version_info == "v2"
+    assert envoy.ack(again, v2, names=names) == []
+
+
+def test_names_change_answered() -> None:
+    envoy = FakeEnvoy()
+    (eds,) = envoy.request(EDS, V1, names=["a"])
+    assert envoy.ack(eds, V1, names=["a"]) == []
+    (more,) = envoy.ack(eds, V1, names=["a", "b"])  # same version and nonce, new names
+    assert [resource_name(r) for r in more.resources] == ["a", "b"]
+    assert more.version_info == "v1"
+    (fewer,) = envoy.ack(more, V1, names=["b"])
+    assert [resource_name(r) for r in fewer.resources] == ["b"]
+    assert envoy.ack(fewer, V1, names=["b"]) == []
+    # Name order is not a change.
+    (both,) = envoy.ack(fewer, V1, names=["b", "a"])
+    assert envoy.ack(both, V1, names=["a", "b"]) == []
+
+
+def test_publish_sends_only_subscribed_names() -> None:
+    envoy = FakeEnvoy()
+    (eds,) = envoy.request(EDS, V1, names=["b"])
+    envoy.ack(eds, V1, names=["b"])
+    v2 = bump(V1, EDS, version="v2")
+    (pushed,) = envoy.publish(v2)
+    assert [resource_name(r) for r in pushed.resources] == ["b"]
+
+
+def test_no_answer_before_first_snapshot_then_everything_subscribed() -> None:
+    envoy = FakeEnvoy()
+    empty = Snapshot()
+    assert envoy.request(CDS, empty) == []
+    assert envoy.request(LDS, empty) == []
+    assert envoy.request(EDS, empty, names=["a"]) == []
+    pushed = envoy.publish(V1)
+    assert [r.type_url for r in pushed] == [CDS, EDS, LDS]  # RDS: not subscribed yet
+    assert [resource_name(r) for r in envoy.last[EDS].resources] == ["a"]
+    assert envoy.publish(V1) == []
+
+
+def test_publish_sends_nothing_to_a_stream_with_no_subscription() -> None:
+    envoy = FakeEnvoy()
+    assert envoy.publish(V1) == []
+    (cds,) = envoy.request(CDS, V1)
+    assert cds.version_info == "v1"
+
+
+def test_on_snapshot_sends_only_changed_types_in_push_order() -> None:
+    envoy = FakeEnvoy()
+    # Subscribed in reverse order: the push order is the protocol's, not the subscriptions'.
+    for type_url, names in ((RDS, ("hotpath",)), (LDS, ()), (EDS, ("a", "b")), (CDS, ())):
+        (response,) = envoy.request(type_url, V1, names=names)
+        envoy.ack(response, V1, names=names)
+    v2 = make_snapshot("v2")
+    assert [r.type_url for r in envoy.publish(v2)] == [CDS, EDS, LDS, RDS]
+    v3 = bump(v2, RDS, EDS, version="v3")
+    assert [r.type_url for r in envoy.publish(v3)] == [EDS, RDS]
+    v4 = bump(v3, LDS, version="v4")
+    assert [r.type_url for r in envoy.publish(v4)] == [LDS]
+
+
+def test_request_with_newer_snapshot_answers_with_it() -> None:
+    envoy = FakeEnvoy()
+    (cds,) = envoy.request(CDS, V1)
+    v2 = bump(V1, CDS, version="v2")
+    (answer,) = envoy.ack(cds, v2)  # published but not yet pushed to this stream
+    assert answer.version_info == "v2"
+    assert envoy.publish(v2) == []  # already sent: not again
+
+
+def test_nonces_strictly_increase_across_types_and_operations() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    for i in range(2, 6):
+        snapshot = make_snapshot(f"v{i}")
+        for response in envoy.publish(snapshot):
+            names = [resource_name(r) for r in response.resources] if response.type_url in (
+                EDS, RDS) else []
+            envoy.ack(response, snapshot, names=names)
+    nonces = [int(r.nonce) for r in envoy.sent]
+    assert nonces == sorted(set(nonces))
+    assert len(envoy.sent) >= 4 + 4 * 4  # start-up and every push
+
+
+def test_two_streams_are_independent() -> None:
+    one, two = FakeEnvoy(), FakeEnvoy()
+    (a,) = one.request(CDS, V1)
+    (b,) = two.request(CDS, V1)
+    assert a.nonce == b.nonce == "1"
+    assert one.ack(a, V1) == []
+    assert two.stream.acked(CDS) == ""
+
+
+def test_explicit_wildcard_subscription_gets_every_resource() -> None:
+    envoy = FakeEnvoy()
+    (cds,) = envoy.request(CDS, V1, names=["*"])
+    assert [resource_name(r) for r in cds.resources] == ["a", "b"]
