@@ -14,7 +14,7 @@ from control_plane.resources.types import SHORT_NAMES
 from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
 from control_plane.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
-from control_plane.xds.server import AdsServicer, start_xds_server
+from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class ControlPlaneSettings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     xds_address: str = "127.0.0.1:18000"
     metrics_address: str | None = "127.0.0.1:9101"  # None: no /metrics server
+    xds_tls: XdsServerTls | None = None
 
 
 class Resolver:
@@ -157,7 +158,8 @@ class ControlPlane:
             self.rebuild()
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
-        server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address)
+        server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address,
+                                                       self.settings.xds_tls)
         log.info("xDS (ADS) listening on %s", self.settings.xds_address.rsplit(":", 1)[0]
                  + f":{self.xds_port}")
         metrics = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from etcd3aio import EtcdError
 from control_plane import admin
 from control_plane.model import ConfigError, GatewaySettings
 from control_plane.store.etcd import DEFAULT_ETCD, DEFAULT_PREFIX, EtcdSettings, EtcdSettingsError
+from control_plane.xds.server import XdsServerTls
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -86,20 +88,40 @@ async def cmd_control_plane(args: argparse.Namespace) -> int:
                               idle_timeout_s=args.idle_timeout, access_log_path=args.access_log)
     await run_control_plane(ControlPlaneSettings(
         etcd=etcd_settings(args), gateway=gateway, xds_address=args.xds,
-        metrics_address=None if args.metrics == "off" else args.metrics))
+        metrics_address=None if args.metrics == "off" else args.metrics,
+        xds_tls=_xds_server_tls(args)))
+    return 0
+
+
+def _xds_server_tls(args: argparse.Namespace) -> XdsServerTls | None:
+    if not (args.xds_cert or args.xds_key or args.xds_client_ca):
+        return None
+    if not (args.xds_cert and args.xds_key):
+        raise ConfigError("--xds-cert/--xds-key", "xDS TLS needs both a certificate and a key")
+    try:
+        return XdsServerTls(
+            cert=Path(args.xds_cert).read_bytes(), key=Path(args.xds_key).read_bytes(),
+            client_ca=Path(args.xds_client_ca).read_bytes() if args.xds_client_ca else None)
+    except OSError as exc:
+        raise ConfigError("xDS TLS", f"cannot read {exc.filename}: {exc.strerror}") from None
     return 0
 
 
 async def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from control_plane.bootstrap import COMPOSE, BootstrapSettings, render_bootstrap
+    from control_plane.bootstrap import COMPOSE, BootstrapSettings, XdsClientTls, render_bootstrap
 
+    tls = None
+    if args.xds_ca or args.xds_cert or args.xds_key:
+        if not (args.xds_ca and args.xds_cert and args.xds_key):
+            raise ConfigError("bootstrap", "xDS mTLS needs --xds-ca, --xds-cert and --xds-key")
+        tls = XdsClientTls(ca_file=args.xds_ca, cert_file=args.xds_cert, key_file=args.xds_key)
     if args.compose:
-        settings = COMPOSE
+        settings = dataclasses.replace(COMPOSE, xds_tls=tls)
     else:
         xds_host, xds_port = args.xds
         admin_host, admin_port = args.admin
         settings = BootstrapSettings(node_id=args.node_id, xds_host=xds_host, xds_port=xds_port,
-                                     admin_host=admin_host, admin_port=admin_port)
+                                     admin_host=admin_host, admin_port=admin_port, xds_tls=tls)
     sys.stdout.write(render_bootstrap(settings))
     return 0
 
@@ -233,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp = command("control-plane", cmd_control_plane,
                  "run the xDS control plane (etcd -> Envoy over ADS)")
     cp.add_argument("--xds", default="127.0.0.1:18000", help="ADS listen HOST:PORT")
+    cp.add_argument("--xds-cert", help="serve xDS over TLS with this certificate (PEM)")
+    cp.add_argument("--xds-key", help="private key (PEM) for --xds-cert")
+    cp.add_argument("--xds-client-ca", help="require Envoys to present a client certificate "
+                    "signed by this CA (mTLS)")
     cp.add_argument("--metrics", default="127.0.0.1:9101",
                     help="HOST:PORT for /metrics and /healthz, or 'off' (default %(default)s)")
     cp.add_argument("--listen", type=_host_port, default=("127.0.0.1", 10000),
@@ -250,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--xds", type=_host_port, default=("127.0.0.1", 18000))
     boot.add_argument("--admin", type=_host_port, default=("127.0.0.1", 9901))
     boot.add_argument("--node-id", default="hotpath-envoy")
+    boot.add_argument("--xds-ca", help="CA (PEM path) that signed the control plane's cert")
+    boot.add_argument("--xds-cert", help="Envoy's client certificate (PEM path) for xDS mTLS")
+    boot.add_argument("--xds-key", help="Envoy's client key (PEM path) for xDS mTLS")
 
     pool = sub.add_parser("pool", help="put, list or remove pools").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from control_plane import processes
-from control_plane.bootstrap import BootstrapSettings, render_bootstrap
+from control_plane.bootstrap import BootstrapSettings, XdsClientTls, render_bootstrap
 from control_plane.store.etcd import EtcdSettings, etcd_client, put_json
 from control_plane.store.etcd import delete as etcd_delete
 
@@ -90,11 +90,17 @@ class Etcd:
     peer_port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = start(processes.etcd_command(self.data_dir, self.client_port,
-                                                    self.peer_port, name="test"), self.log)
-        wait_for(lambda: processes.http_ok(f"{self.url}/health"), 30, "etcd health")
+                                                    self.peer_port, name="test") + self.extra,
+                             self.log)
+        if self.url.startswith("https"):
+            wait_for(lambda: processes.port_open("127.0.0.1", self.client_port), 30,
+                     "etcd port")
+        else:
+            wait_for(lambda: processes.http_ok(f"{self.url}/health"), 30, "etcd health")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None:
@@ -147,11 +153,12 @@ class EnvoyProcess:
     xds_port: int
     process: subprocess.Popen[bytes] | None = None
     admin_url: str = ""
+    xds_tls: XdsClientTls | None = None
 
     def start(self) -> None:
         bootstrap = self.tmp / f"{self.name}-bootstrap.yaml"
         bootstrap.write_text(render_bootstrap(BootstrapSettings(
-            node_id=self.name, xds_port=self.xds_port, admin_port=0)))
+            node_id=self.name, xds_port=self.xds_port, admin_port=0, xds_tls=self.xds_tls)))
         address_path = self.tmp / f"{self.name}-admin.txt"
         address_path.unlink(missing_ok=True)
         self.process = start(processes.envoy_command(bootstrap, address_path, "info"),
@@ -261,8 +268,8 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
 
-    def add_envoy(self, name: str) -> EnvoyProcess:
-        envoy = EnvoyProcess(self.tmp, name, self.control_plane.xds_port)
+    def add_envoy(self, name: str, xds_tls: XdsClientTls | None = None) -> EnvoyProcess:
+        envoy = EnvoyProcess(self.tmp, name, self.control_plane.xds_port, xds_tls=xds_tls)
         envoy.start()
         self.envoys.append(envoy)
         return envoy
@@ -291,16 +298,17 @@ class Stack:
 
 
 def make_stack(tmp: Path, etcd_url: str, prefix: str, envoys: int = 1,
-               extra: list[str] | None = None) -> Stack:
+               extra: list[str] | None = None, etcd: EtcdSettings | None = None,
+               xds_tls: XdsClientTls | None = None) -> Stack:
     listen = processes.free_port()
-    settings = EtcdSettings(urls=etcd_url, prefix=prefix)
+    settings = etcd or EtcdSettings(urls=etcd_url, prefix=prefix)
     cp = ControlPlaneProcess(settings, processes.free_port(), listen, tmp / "control-plane.log",
                              tmp / "access.log", extra or [])
     stack = Stack(tmp, settings, cp, [], listen)
     try:
         cp.start()
         for index in range(envoys):
-            stack.add_envoy(f"envoy-{index}")
+            stack.add_envoy(f"envoy-{index}", xds_tls)
     except BaseException:
         stack.close()
         raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def peer_command(peer: Peer, binary: str, workdir: Path, port: int,
 
 
 async def start_peer(group: ProcessGroup, peer: Peer, binary: str, backends: Sequence[Backend],
-                     tag: str) -> tuple[str, object]:
+                     tag: str) -> tuple[str, subprocess.Popen[bytes]]:
     """Start `peer` in front of `backends`; (its URL, the process) once it forwards requests."""
     port = processes.free_port()
     name = f"{peer.name}-{tag}"

@@ -19,11 +19,11 @@ import dataclasses
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -93,7 +93,7 @@ _SIM_LINE = re.compile(r"^sim (\S+) on http://([0-9.]+):(\d+) model", re.MULTILI
 
 
 async def start_sims(group: ProcessGroup, name: str, count: int, params: SimParams, model: str
-                     ) -> tuple[list[Backend], Any]:
+                     ) -> tuple[list[Backend], subprocess.Popen[bytes]]:
     """`count` fresh simulated servers in one child process; (backends, the process)."""
     command = [sys.executable, "-m", "control_plane", "sim", "--count", str(count),
                "--port", "0", "--name", name, "--model", model]
@@ -186,9 +186,10 @@ class HotpathStack:
     async def start(self) -> None:
         g = self.group
         if self.etcd_url is None:
-            client, peer = processes.free_port(), processes.free_port()
-            self.etcd_url = f"http://127.0.0.1:{client}"
-            etcd = g.start("etcd", processes.etcd_command(g.workdir / "etcd", client, peer,
+            client_port, peer_port = processes.free_port(), processes.free_port()
+            self.etcd_url = f"http://127.0.0.1:{client_port}"
+            etcd = g.start("etcd", processes.etcd_command(g.workdir / "etcd", client_port,
+                                                          peer_port,
                                                           name="bench"))
             url = self.etcd_url
             await g.wait("etcd", etcd, lambda: processes.http_ok(f"{url}/health"), 30,
@@ -282,9 +283,3 @@ def prober_command(stack: HotpathStack) -> list[str]:
     assert stack.etcd_url is not None
     return [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd_url,
             "--prefix", stack.settings.prefix, "--admin", stack.admin_url]
-
-
-def workdir_for(base: Path, name: str) -> Path:
-    path = base / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -100,10 +100,13 @@ def _text(rng: random.Random, tokens: int) -> str:
     return " ".join(words)
 
 
-def generate(scenario: Scenario) -> Workload:
-    """The same scenario (seed included) always yields the same workload."""
+def generate(scenario: Scenario, salt: str = "") -> Workload:
+    """The same scenario (seed included) always yields the same workload. A salt changes the
+    system prompt's first words and nothing else, so runs against the same real servers share
+    no cached prefix and still see the same lengths and times."""
     rng = random.Random(scenario.seed)
-    system_prompt = "You are a helpful assistant. " + _text(rng, scenario.system_tokens)
+    opening = f"You are assistant {salt}." if salt else "You are a helpful assistant."
+    system_prompt = opening + " " + _text(rng, scenario.system_tokens)
     starts = sorted(rng.uniform(0, scenario.arrival_window_s) for _ in range(scenario.sessions))
     offset = starts[0]  # the first session opens the run: no idle lead-in
     sessions = []

@@ -138,7 +138,17 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         return responses
 
 
-async def start_xds_server(servicer: AdsServicer, address: str) -> tuple[grpc.aio.Server, int]:
+@dataclass(frozen=True)
+class XdsServerTls:
+    """PEM contents. With ``client_ca`` every Envoy must present a certificate it signed."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+
+async def start_xds_server(servicer: AdsServicer, address: str,
+                           tls: XdsServerTls | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the ADS server on ``host:port`` (port 0 picks one); returns it and the port."""
     server = grpc.aio.server(
         options=[
@@ -151,7 +161,13 @@ async def start_xds_server(servicer: AdsServicer, address: str) -> tuple[grpc.ai
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key, tls.cert)], root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None)
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot bind the xDS server to {address} (in use?): {exc}") from None
     await server.start()

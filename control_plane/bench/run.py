@@ -1,0 +1,455 @@
+"""`hotpath bench`: replay one chat workload through every strategy, then measure overhead.
+
+`add_bench_arguments` and `run_bench_from_args` are what the CLI wires; `run_bench` takes a
+`BenchConfig` and returns the report (the smoke test calls it directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+from control_plane.bench import overhead as ov
+from control_plane.bench.peers import PEER_BY_NAME, PEERS, find_peer, start_peer
+from control_plane.bench.procs import BenchError, ProcessGroup
+from control_plane.bench.replay import ReplaySettings, Route, TurnResult, replay
+from control_plane.bench.report import (
+    OverheadReport,
+    StrategyReport,
+    build_report,
+    format_report,
+    summarize,
+    unavailable,
+    write_json,
+    write_png,
+)
+from control_plane.bench.strategies import (
+    BENCH_POOL,
+    BY_NAME,
+    STATIC_MODEL,
+    STATIC_POOL,
+    STRATEGIES,
+    Backend,
+    HotpathStack,
+    StrategySpec,
+    prime,
+    prober_available,
+    prober_command,
+    scrape,
+    start_sims,
+)
+from control_plane.bench.workload import Scenario, Workload, balanced_assignment, generate
+from control_plane.sim.model import SimParams
+from control_plane.sim.server import DEFAULT_MODEL
+
+DEFAULT_TIME_SCALE = 0.1
+# Scale-to-zero after 30 s without a request (Knative's default grace period): a server that
+# sees only every third turn of a slow chat goes cold, one that sees every turn does not.
+DEFAULT_IDLE_TO_COLD_S = 30.0
+DEFAULT_STRATEGIES = tuple(s.name for s in STRATEGIES)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scenario: Scenario = field(default_factory=Scenario)
+    servers: int = 3
+    sim: SimParams = field(default_factory=lambda: SimParams(
+        time_scale=DEFAULT_TIME_SCALE, idle_to_cold_s=DEFAULT_IDLE_TO_COLD_S))
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    backends: tuple[str, ...] = ()  # real OpenAI-compatible URLs: no simulator then
+    model: str = DEFAULT_MODEL
+    session_header: bool = True
+    cold_ttft_s: float | None = None  # scenario seconds; None: half a simulated cold start
+    deadline_s: float = 300.0  # wall seconds per strategy
+    peers_bin: str | None = None
+    overhead: bool = True
+    overhead_settings: ov.OverheadSettings = field(default_factory=ov.OverheadSettings)
+    etcd: str | None = None  # None: start an embedded etcd
+    prefix: str = "/hotpath-bench/"
+    out_dir: Path = Path("bench-results")
+    png: bool = True
+    command: str = ""
+
+    @property
+    def time_scale(self) -> float:
+        return self.sim.time_scale if not self.backends else 1.0
+
+    @property
+    def cold_threshold_s(self) -> float:
+        if self.cold_ttft_s is not None:
+            return self.cold_ttft_s
+        return 0.5 * self.sim.cold_start_s if not self.backends else 3.0
+
+
+class Progress:
+    """A one-line progress bar on a terminal; a line per finished strategy elsewhere."""
+
+    def __init__(self, total: int, out: TextIO = sys.stderr, enabled: bool = True) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.out = out
+        self.enabled = enabled
+        self.tty = out.isatty()
+        self.label = ""
+        self.started = time.monotonic()
+
+    def stage(self, label: str) -> None:
+        self.label = label
+        self._draw()
+
+    def turn(self, result: TurnResult) -> None:
+        self.done += 1
+        self._draw()
+
+    def skip(self, turns: int) -> None:
+        self.done += turns
+        self._draw()
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            if self.tty:
+                self.out.write("\r\x1b[K")
+            self.out.write(text + "\n")
+            self.out.flush()
+            self._draw()
+
+    def _draw(self) -> None:
+        if not (self.enabled and self.tty):
+            return
+        width = 30
+        filled = min(width, width * self.done // self.total)
+        elapsed = time.monotonic() - self.started
+        self.out.write(f"\r\x1b[K[{'#' * filled}{'.' * (width - filled)}] "
+                       f"{self.done}/{self.total} turns  {elapsed:4.0f}s  {self.label}"[:160])
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+
+def _backends_from_urls(urls: Sequence[str]) -> list[Backend]:
+    out = []
+    for i, url in enumerate(urls):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise BenchError(f"backend {url!r} must look like http://host:port")
+        out.append(Backend(f"backend-{i}", parts.hostname, parts.port or 80))
+    return out
+
+
+def _pool_value(cfg: BenchConfig, spec: StrategySpec, system_prompt: str) -> dict[str, Any]:
+    value: dict[str, Any] = {"models": [cfg.model], "lb": spec.lb}
+    if spec.prober:
+        scale = cfg.time_scale
+        # The prober primes with the prefix every session shares (the system prompt), on the
+        # simulator's clock: it probes every 10 scenario seconds.
+        value["warmup"] = {
+            "interval_s": max(0.2, 10.0 * scale),
+            "timeout_s": max(5.0, 2 * cfg.sim.cold_start_s * scale),
+            "cold_ttft_ms": 1000 * cfg.cold_threshold_s * scale,
+            "body": {"model": cfg.model, "max_tokens": 1,
+                     "messages": [{"role": "system", "content": system_prompt},
+                                  {"role": "user", "content": "hi"}]},
+        }
+    return value
+
+
+class Runner:
+    def __init__(self, cfg: BenchConfig, group: ProcessGroup, progress: Progress) -> None:
+        self.cfg = cfg
+        self.group = group
+        self.progress = progress
+        self.stack: HotpathStack | None = None
+        self.endpoint_ids: list[str] = []
+
+    async def ensure_stack(self) -> HotpathStack:
+        if self.stack is None:
+            self.progress.stage("starting etcd, control plane and Envoy")
+            stack = HotpathStack(self.group, self.cfg.etcd, self.cfg.prefix)
+            await stack.start()
+            await stack.put_pools({BENCH_POOL: {"models": [self.cfg.model]},
+                                   STATIC_POOL: {"models": [STATIC_MODEL]}})
+            self.stack = stack
+        return self.stack
+
+    def availability(self, spec: StrategySpec) -> str | None:
+        """Why the strategy cannot run here, or None."""
+        if spec.prober and not prober_available():
+            return ("the prober (control_plane/warmth/prober.py, `hotpath prober`) is not in "
+                    "this build")
+        if spec.peer is not None:
+            peer = PEER_BY_NAME[spec.peer]
+            if find_peer(peer, self.cfg.peers_bin) is None:
+                return f"{peer.binary} not found (install: {peer.install})"
+        return None
+
+    async def strategy(self, spec: StrategySpec, workload: Workload) -> StrategyReport:
+        cfg = self.cfg
+        why = self.availability(spec)
+        if why is not None:
+            self.progress.skip(workload.turn_count)
+            return unavailable(spec.name, spec.label, why)
+        self.progress.stage(f"{spec.label}: starting")
+        started: list[subprocess.Popen[bytes]] = []
+        try:
+            if cfg.backends:
+                backends = _backends_from_urls(cfg.backends)
+            else:
+                backends, sims = await start_sims(self.group, f"sim-{spec.name}", cfg.servers,
+                                                  cfg.sim, cfg.model)
+                started.append(sims)
+            route: Route
+            if spec.kind == "hotpath":
+                stack = await self.ensure_stack()
+                self.endpoint_ids = await stack.switch(
+                    BENCH_POOL, _pool_value(cfg, spec, workload.system_prompt), backends,
+                    self.endpoint_ids)
+                if spec.prober:
+                    started.append(self.group.start(f"prober-{spec.name}",
+                                                    prober_command(stack)))
+                url = stack.url
+                route = lambda _s: url  # noqa: E731 - one URL for every session
+            elif spec.kind == "oracle":
+                self.progress.stage(f"{spec.label}: priming {len(backends)} servers")
+                await prime(backends, cfg.model, workload.system_prompt,
+                            timeout_s=max(30.0, 4 * cfg.sim.cold_start_s * cfg.time_scale))
+                assignment = balanced_assignment(workload, len(backends))
+                urls = [b.url for b in backends]
+                route = lambda s: urls[assignment[s.id]]  # noqa: E731
+            else:
+                assert spec.peer is not None
+                peer = PEER_BY_NAME[spec.peer]
+                binary = find_peer(peer, cfg.peers_bin)
+                assert binary is not None
+                url, child = await start_peer(self.group, peer, binary, backends, "replay")
+                started.append(child)
+                route = lambda _s: url  # noqa: E731
+            self.progress.stage(f"{spec.label}: replaying")
+            settings = ReplaySettings(
+                model=cfg.model, time_scale=cfg.time_scale,
+                session_header="x-session-id" if cfg.session_header else None,
+                request_timeout_s=max(30.0, 60 * cfg.time_scale * 10),
+                deadline_s=cfg.deadline_s)
+            results, truncated = await replay(workload, route, settings, self.progress.turn)
+            self.progress.skip(workload.turn_count - len(results))
+            counters = None if cfg.backends else await scrape(backends)
+            report = summarize(spec.name, spec.label, results, time_scale=cfg.time_scale,
+                               cold_ttft_s=cfg.cold_threshold_s, truncated=truncated,
+                               servers=counters)
+            if spec.kind == "oracle" and report.probe_requests is not None:
+                report.probe_requests = 0  # priming is the oracle's premise, not a probe cost
+                report.probe_tokens = 0
+                report.note = "servers primed before the replay; sessions dealt in turn"
+            return report
+        finally:
+            for child in reversed(started):
+                await asyncio.to_thread(self.group.stop, child)
+
+    async def overhead(self) -> list[OverheadReport]:
+        cfg = self.cfg
+        settings = cfg.overhead_settings
+        gen = ov.LoadGen.make(self.group.workdir, STATIC_MODEL)
+        self.progress.stage("overhead: starting the static upstream")
+        upstream = await ov.start_static_upstream(self.group)
+        reports: list[OverheadReport] = []
+        step = self.progress.stage
+        reports.append(await ov.measure(gen, "direct", "direct (no gateway)", upstream[0].url,
+                                        settings, step))
+        stack = await self.ensure_stack()
+        await stack.switch(STATIC_POOL, {"models": [STATIC_MODEL], "lb": "ring_hash"}, upstream)
+        reports.append(await ov.measure(gen, "hotpath", "hotpath (Envoy ring hash)", stack.url,
+                                        settings, step))
+        for peer in PEERS:
+            binary = find_peer(peer, cfg.peers_bin)
+            if binary is None:
+                reports.append(OverheadReport(peer.name, peer.label, available=False,
+                                              note=f"{peer.binary} not found "
+                                                   f"(install: {peer.install})"))
+                continue
+            url, child = await start_peer(self.group, peer, binary, upstream, "overhead")
+            try:
+                reports.append(await ov.measure(gen, peer.name, peer.label, url, settings,
+                                                step))
+            finally:
+                await asyncio.to_thread(self.group.stop, child)
+        for r in reports:
+            if r.available and not r.note:
+                r.note = "" if gen.wrk else "python load generator: numbers are a floor"
+        return ov.with_added(reports)
+
+
+def _meta(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
+    return {
+        "title": (f"hotpath bench: {cfg.scenario.sessions} chat sessions, {workload.turn_count}"
+                  f" turns, {cfg.servers if not cfg.backends else len(cfg.backends)} servers"
+                  f" ({'simulated' if not cfg.backends else 'real'})"),
+        "command": cfg.command,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "scenario": dataclasses.asdict(cfg.scenario),
+        "turns": workload.turn_count,
+        "backends": list(cfg.backends) or "simulated",
+        "servers": cfg.servers if not cfg.backends else len(cfg.backends),
+        "sim": dataclasses.asdict(cfg.sim) if not cfg.backends else None,
+        "time_scale": cfg.time_scale,
+        "cold_ttft_threshold_s": cfg.cold_threshold_s,
+        "session_header": cfg.session_header,
+        "load_generator": "wrk" if shutil.which("wrk") else "python (aiohttp)",
+    }
+
+
+async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
+                    ) -> dict[str, Any]:
+    unknown = [s for s in cfg.strategies if s not in BY_NAME]
+    if unknown:
+        raise BenchError(f"unknown strategies {unknown}; known: {', '.join(BY_NAME)}")
+    workload = generate(cfg.scenario)
+    workdir = cfg.out_dir / "logs"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    group = ProcessGroup(workdir)
+    progress = Progress(workload.turn_count * len(cfg.strategies),
+                        progress_out or sys.stderr, enabled=progress_out is not None)
+    runner = Runner(cfg, group, progress)
+    strategies: list[StrategyReport] = []
+    overhead: list[OverheadReport] = []
+    try:
+        for name in cfg.strategies:
+            # Salted per strategy: real servers reused across strategies share no prefix.
+            report = await runner.strategy(BY_NAME[name], generate(cfg.scenario, salt=name))
+            strategies.append(report)
+            if report.available:
+                progress.note(f"{report.label}: p95 e2e {report.e2e_s.p95 or 0:.2f}s, "
+                              f"prefix hit {100 * (report.prefix_hit_ratio or 0):.1f}%, "
+                              f"{report.cold_hits} cold hits, {report.errors} errors")
+            else:
+                progress.note(f"{report.label}: not run ({report.note})")
+        if cfg.overhead:
+            overhead = await runner.overhead()
+    finally:
+        progress.close()
+        await asyncio.to_thread(group.close)
+    return build_report(_meta(cfg, workload), strategies, overhead)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Scenario()
+    s = SimParams()
+    w = parser.add_argument_group("workload")
+    w.add_argument("--sessions", type=int, default=d.sessions, help="chat sessions (%(default)s)")
+    w.add_argument("--turns", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   default=(d.min_turns, d.max_turns), help="turns per session (4 8)")
+    w.add_argument("--think", type=float, nargs=2, metavar=("MIN", "MAX"),
+                   default=(d.min_think_s, d.max_think_s),
+                   help="seconds between an answer and the next turn (5 20)")
+    w.add_argument("--arrival-window", type=float, default=d.arrival_window_s,
+                   help="sessions start at random times within this many seconds (%(default)s)")
+    w.add_argument("--answer-tokens", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   default=(d.min_answer_tokens, d.max_answer_tokens),
+                   help="max_tokens per turn (32 160)")
+    w.add_argument("--system-tokens", type=int, default=d.system_tokens,
+                   help="shared system prompt length (%(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="workload and simulator seed")
+    b = parser.add_argument_group("backends")
+    b.add_argument("--servers", type=int, default=3, help="simulated servers (%(default)s)")
+    b.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE,
+                   help="simulator clock: 0.1 runs ten times faster (%(default)s)")
+    b.add_argument("--cold-start", type=float, default=s.cold_start_s,
+                   help="simulated model load seconds (%(default)s)")
+    b.add_argument("--idle-to-cold", type=float, default=DEFAULT_IDLE_TO_COLD_S,
+                   help="simulated scale-to-zero after this many idle seconds (%(default)s)")
+    b.add_argument("--cache-tokens", type=int, default=s.cache_tokens,
+                   help="simulated prefix cache per server, tokens (%(default)s)")
+    b.add_argument("--backend", action="append", default=[], metavar="URL",
+                   help="a real OpenAI-compatible server (repeatable); replaces the simulator")
+    b.add_argument("--model", default=None,
+                   help=f"model name to request (default {DEFAULT_MODEL} for the simulator)")
+    b.add_argument("--cold-ttft", type=float, default=None,
+                   help="a TTFT at least this long (scenario s) counts as a cold hit "
+                        "(default: half a cold start; 3 s for real backends)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+                   help="comma-separated, in order (default: all: %(default)s)")
+    r.add_argument("--no-session-header", action="store_true",
+                   help="send no x-session-id: hotpath derives the key from the prompt "
+                        "(nginx and vllm-router then cannot pin)")
+    r.add_argument("--peers-bin", default=None,
+                   help="directory holding vllm-router / sglang-router / nginx "
+                        "(env HOTPATH_BENCH_PEERS_BIN)")
+    r.add_argument("--no-peers", action="store_true", help="skip nginx and the routers")
+    r.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
+    r.add_argument("--overhead-seconds", type=float, default=5.0,
+                   help="throughput run per gateway (latency run: 3/5 of it) (%(default)s)")
+    r.add_argument("--overhead-connections", type=int, default=64,
+                   help="connections for the throughput run (%(default)s)")
+    r.add_argument("--deadline", type=float, default=300.0,
+                   help="wall seconds a strategy's replay may take at most (%(default)s)")
+    r.add_argument("--bench-etcd", default=None, metavar="URL",
+                   help="use this etcd (prefix /hotpath-bench/) instead of an embedded one")
+    r.add_argument("--out", default="bench-results",
+                   help="directory for bench.json, bench.png and logs/ (%(default)s)")
+    r.add_argument("--no-png", action="store_true", help="no chart")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    scenario = Scenario(
+        sessions=args.sessions, min_turns=args.turns[0], max_turns=args.turns[1],
+        min_think_s=args.think[0], max_think_s=args.think[1],
+        arrival_window_s=args.arrival_window, min_answer_tokens=args.answer_tokens[0],
+        max_answer_tokens=args.answer_tokens[1], system_tokens=args.system_tokens,
+        seed=args.seed)
+    sim = SimParams(time_scale=args.time_scale, cold_start_s=args.cold_start,
+                    idle_to_cold_s=args.idle_to_cold, cache_tokens=args.cache_tokens,
+                    seed=args.seed)
+    strategies = tuple(n.strip() for n in args.strategies.split(",") if n.strip())
+    if args.no_peers:
+        strategies = tuple(n for n in strategies if BY_NAME.get(n, STRATEGIES[0]).peer is None)
+    lat = max(1.0, 0.6 * args.overhead_seconds)
+    return BenchConfig(
+        scenario=scenario, servers=args.servers, sim=sim, strategies=strategies,
+        backends=tuple(args.backend), model=args.model or DEFAULT_MODEL,
+        session_header=not args.no_session_header, cold_ttft_s=args.cold_ttft,
+        deadline_s=args.deadline, peers_bin=args.peers_bin, overhead=not args.no_overhead,
+        overhead_settings=ov.OverheadSettings(latency_seconds=lat,
+                                              throughput_seconds=args.overhead_seconds,
+                                              connections=args.overhead_connections),
+        etcd=args.bench_etcd, out_dir=Path(args.out), png=not args.no_png,
+        command=shlex.join(["hotpath" if Path(sys.argv[0]).name == "hotpath" else sys.argv[0],
+                            *sys.argv[1:]]))
+
+
+async def run_bench_from_args(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        report = await run_bench(cfg)
+    except (BenchError, ValueError) as exc:
+        print(f"hotpath bench: {exc}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    json_path = cfg.out_dir / "bench.json"
+    write_json(report, json_path)
+    print(f"\nJSON: {json_path}")
+    if cfg.png:
+        png_path = cfg.out_dir / "bench.png"
+        why = write_png(report, png_path)
+        print(f"chart: {why}" if why else f"chart: {png_path}")
+    return 0
