@@ -48,7 +48,7 @@ def translate(
         assignments[name] = build_load_assignment(
             pool, endpoints, pool_resolved, config.statuses.get(name, {}), now
         )
-    listener = build_listener(config.pools.values(), settings)
+    listener = build_listener(settings)
     routes = build_route_configuration(config.pools.values(), settings)
     return {
         types.CLUSTER: clusters,

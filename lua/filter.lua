@@ -1,5 +1,8 @@
 -- Envoy entry points. The control plane inlines this after lua/hotpath.lua (as HOTPATH) and
 -- the rendered config (as HOTPATH_CONFIG); every decision is made in HOTPATH.decide.
+-- Which pool serves a model, and its session header, come from the metadata of the route
+-- the model header selects: pool changes arrive over RDS, so the listener (and with it every
+-- open connection and stream) is never replaced when pools change.
 local METADATA_NS = "envoy.filters.http.lua"
 -- respond() replies pass through the connection manager's local_reply_config; its mappers
 -- skip requests carrying this header, so the OpenAI-shaped body goes out unchanged.
@@ -25,10 +28,25 @@ function envoy_on_request(handle)
     -- scope" afterwards.
     headers = handle:headers()
   end
+  local looked_up = false
+  local function lookup(model)
+    looked_up = true
+    headers:replace("x-hotpath-model", model)
+    -- Re-pick the route on the model header; metadata() must not be read before this, as
+    -- the filter keeps the first route metadata it reads.
+    handle:clearRouteCache()
+    local route = handle:metadata()
+    local pool = route and route:get("pool")
+    if not pool then
+      return nil
+    end
+    return { pool = pool, session_header = route:get("session_header") }
+  end
   local result = HOTPATH.decide(HOTPATH_CONFIG, method, path, function(name)
     return headers:get(name)
-  end, body)
+  end, body, lookup)
   if result and result.status then
+    headers:remove("x-hotpath-model")
     headers:replace(LUA_REPLY_HEADER, "1")
     handle:respond({ [":status"] = tostring(result.status), ["content-type"] = "application/json" },
       result.json)
@@ -39,10 +57,9 @@ function envoy_on_request(handle)
     headers:replace("x-hotpath-session", result.session)
     handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session", result.session)
   end
-  -- The route was picked and cached before this filter ran, from the original headers. The
-  -- filter's clear_route_cache option (on by default) also clears it on header changes; this
-  -- call keeps routing right when that option is off.
-  if result or spoofed then
+  -- The route was picked and cached before this filter ran, from the original headers; the
+  -- lookup re-picked it, and a request with forged internal headers removed needs it too.
+  if spoofed and not looked_up then
     handle:clearRouteCache()
   end
 end

@@ -11,7 +11,7 @@ local byte, char, find, format, gsub, sub =
 local concat, sort = table.concat, table.sort
 local floor, min = math.floor, math.min
 
-local CHAT, COMPLETIONS, MODELS = "/v1/chat/completions", "/v1/completions", "/v1/models"
+local CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 local MAX_KEY_BYTES = 256
 local PROMPT_PREFIX_BYTES = 1024
 -- Python's json module fails near this depth too (RecursionError); the scanner itself is
@@ -580,20 +580,6 @@ local function error_reply(status, code, message)
   }
 end
 
-local function models_reply(config)
-  local ids = {}
-  for id in pairs(config.models) do
-    ids[#ids + 1] = id
-  end
-  sort(ids)
-  local items = {}
-  for k, id in ipairs(ids) do
-    items[k] = '{"id":' .. json_string(id) .. ',"object":"model","created":0,"owned_by":'
-      .. json_string(config.models[id].pool) .. "}"
-  end
-  return { status = 200, json = '{"object":"list","data":[' .. concat(items, ",") .. "]}" }
-end
-
 local function strip_query(path)
   local q = find(path, "?", 1, true)
   return q and sub(path, 1, q - 1) or path
@@ -607,12 +593,11 @@ end
 
 -- Returns nil to pass the request through untouched; {status, json, ...} for a local reply
 -- (errors also carry type, code and message); or {model, pool, session} to route.
--- get_header(name) returns a request header's value or nil.
-function M.decide(config, method, path, get_header, body)
+-- get_header(name) returns a request header's value or nil; lookup(model) returns the
+-- model's {pool, session_header} or nil when no pool serves it. (In Envoy the lookup reads
+-- the route's metadata, so pool changes arrive over RDS and the listener never changes.)
+function M.decide(config, method, path, get_header, body, lookup)
   path = strip_query(path or "")
-  if method == "GET" and path == MODELS then
-    return models_reply(config)
-  end
   if not M.needs_body(method, path) then
     return nil
   end
@@ -629,7 +614,7 @@ function M.decide(config, method, path, get_header, body)
   if not present(model) then
     return error_reply(400, "missing_model", "request body has no string field `model`")
   end
-  local entry = config.models[model]
+  local entry = lookup(model)
   if not entry then
     return error_reply(404, "model_not_found", "The model `" .. model .. "` does not exist")
   end

@@ -9,12 +9,13 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
-from control_plane.model import Endpoint, Pool
+from control_plane.model import Endpoint, Pool, Status
+from control_plane.warmth.routing import RING_POINTS_PER_WEIGHT, pool_routes, ring_size
 
-# Ring points per unit of endpoint weight. The ring's minimum size is this times the pool's
-# total weight, so every host keeps the same points when another host joins or leaves and
-# only the sessions of that host move.
-RING_POINTS_PER_WEIGHT = 1024
+# Ring points per unit of endpoint weight (RING_POINTS_PER_WEIGHT, 1024). The ring's minimum
+# size is the sum of the points of the hosts in the ring (warmth/routing.py), so every host
+# keeps the same points when another host joins, leaves or changes warmth, and only the
+# sessions of that host move.
 MAX_RING_SIZE = 8 * 1024 * 1024
 
 _LB = {
@@ -31,7 +32,15 @@ def _seconds(value: float) -> duration_pb2.Duration:
     return duration
 
 
-def build_cluster(pool: Pool, endpoints: Mapping[str, Endpoint]) -> cluster_pb2.Cluster:
+def build_cluster(pool: Pool, endpoints: Mapping[str, Endpoint],
+                  statuses: Mapping[str, Status] | None = None, now: float | None = None,
+                  resolved: Mapping[str, str] | None = None) -> cluster_pb2.Cluster:
+    """The cluster of one pool.
+
+    ``statuses`` and ``now`` (the prober's view, as given to build_load_assignment) size the
+    ring so that only a changed host's sessions move; without them every endpoint counts as
+    warm. ``resolved`` (endpoint id -> IP), when given, leaves out endpoints EDS leaves out.
+    """
     cluster = cluster_pb2.Cluster(
         name=pool.name,
         type=cluster_pb2.Cluster.EDS,
@@ -56,8 +65,14 @@ def build_cluster(pool: Pool, endpoints: Mapping[str, Endpoint]) -> cluster_pb2.
                 pool.hash_balance_factor
             )
     if pool.lb == "ring_hash":
-        total_weight = max(1, sum(e.weight for e in endpoints.values()))
-        ring = min(MAX_RING_SIZE, RING_POINTS_PER_WEIGHT * total_weight)
+        present = endpoints if resolved is None else {
+            eid: e for eid, e in endpoints.items() if eid in resolved
+        }
+        if statuses is None or now is None:
+            routes = pool_routes(pool, present, {}, 0.0)
+        else:
+            routes = pool_routes(pool, present, statuses, now)
+        ring = min(MAX_RING_SIZE, max(RING_POINTS_PER_WEIGHT, ring_size(routes)))
         cluster.ring_hash_lb_config.minimum_ring_size.value = ring
         cluster.ring_hash_lb_config.maximum_ring_size.value = MAX_RING_SIZE
         cluster.ring_hash_lb_config.hash_function = (

@@ -8,7 +8,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from control_plane.model import Endpoint, Pool, Status
-from control_plane.warmth.routing import routing_for
+from control_plane.warmth.routing import pool_routes
 
 
 def _hash_key(endpoint_id: str) -> base_pb2.Metadata:
@@ -24,15 +24,18 @@ def build_load_assignment(
     statuses: Mapping[str, Status],
     now: float,
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """``resolved`` maps endpoint id to its IP; endpoints not (yet) resolved are left out."""
+    """``resolved`` maps endpoint id to its IP; endpoints not (yet) resolved are left out.
+
+    Health and weight come from the prober's statuses (warmth/routing.py): down hosts are
+    UNHEALTHY, cold hosts DEGRADED or lighter while warm hosts have room.
+    """
+    present = {eid: e for eid, e in endpoints.items() if eid in resolved}
+    routes = pool_routes(pool, present, statuses, now)
     lb_endpoints = []
-    for endpoint_id, endpoint in sorted(endpoints.items()):
-        ip = resolved.get(endpoint_id)
-        if ip is None:
-            continue
-        health, weight = routing_for(
-            endpoint, statuses.get(endpoint_id), now, pool.warmup.interval_s
-        )
+    for endpoint_id, endpoint in sorted(present.items()):
+        ip = resolved[endpoint_id]
+        route = routes[endpoint_id]
+        health, weight = route.health, route.weight
         lb_endpoints.append(
             endpoint_components_pb2.LbEndpoint(
                 endpoint=endpoint_components_pb2.Endpoint(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -22,7 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from control_plane.model import GatewaySettings, Pool
+from control_plane.model import GatewaySettings
 from control_plane.resources.lua_filter import render_lua_source
 from control_plane.resources.types import LISTENER_NAME, ROUTE_CONFIG_NAME
 
@@ -124,11 +122,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def build_listener(pools: Iterable[Pool], settings: GatewaySettings) -> listener_pb2.Listener:
-    models = {model: (pool.name, pool.session_header) for pool in pools for model in pool.models}
+def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
+    """Depends on gateway settings only: pool changes never replace the listener (which would
+    drain every open connection, cutting long generations)."""
     lua = lua_pb2.Lua(
         default_source_code=base_pb2.DataSource(
-            inline_string=render_lua_source(models, settings.max_body_bytes)
+            inline_string=render_lua_source(settings.max_body_bytes)
         )
     )
     access_log_format = struct_pb2.Struct()

@@ -1,7 +1,7 @@
 """The Lua filter's inline source: lua/hotpath.lua + the rendered config + lua/filter.lua.
 
 Envoy's inline Lua cannot `require` files, so the module is inlined as the global HOTPATH and
-the per-model config as the global HOTPATH_CONFIG, both read by lua/filter.lua.
+the gateway-wide config as the global HOTPATH_CONFIG, both read by lua/filter.lua.
 """
 
 from collections.abc import Mapping
@@ -49,18 +49,11 @@ def lua_literal(value: LuaValue) -> str:
     return "{" + ",".join(items) + "}"
 
 
-def render_lua_source(models: Mapping[str, tuple[str, str]], max_body_bytes: int) -> str:
-    """The complete inline Lua for the filter. models maps model -> (pool, session_header)."""
+def render_lua_source(max_body_bytes: int) -> str:
+    """The complete inline Lua for the filter. It holds no pool config: that is route metadata."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
-    config: dict[str, LuaValue] = {
-        "models": {
-            # Envoy's header lookup ignores case; one canonical form keeps renders stable.
-            model: {"pool": pool, "session_header": header.lower()}
-            for model, (pool, header) in models.items()
-        },
-        "max_body_bytes": max_body_bytes,
-    }
+    config: dict[str, LuaValue] = {"max_body_bytes": max_body_bytes}
     return (
         f"HOTPATH = (function()\n{lua_asset('hotpath.lua')}\nend)()\n"
         f"HOTPATH_CONFIG = {lua_literal(config)}\n"

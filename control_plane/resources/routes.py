@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
@@ -12,6 +13,7 @@ from google.protobuf import any_pb2, duration_pb2
 from control_plane.model import GatewaySettings, Pool
 from control_plane.resources.types import ROUTE_CONFIG_NAME
 
+LUA_FILTER = "envoy.filters.http.lua"
 MODEL_HEADER = "x-hotpath-model"
 SESSION_HEADER = "x-hotpath-session"
 # Retries only where the request never reached a model server's generation: a connect
@@ -40,9 +42,39 @@ def _retry_policy() -> route_components_pb2.RetryPolicy:
     )
 
 
+def _route_metadata(pool: Pool) -> base_pb2.Metadata:
+    """What the Lua filter reads once it has picked the route by model."""
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[LUA_FILTER].update(
+        {"pool": pool.name, "session_header": pool.session_header})
+    return metadata
+
+
+def _models_route(pools: list[Pool]) -> route_components_pb2.Route:
+    """GET /v1/models, answered by Envoy from the current pools."""
+    models = sorted((model, pool.name) for pool in pools for model in pool.models)
+    body = json.dumps({"object": "list", "data": [
+        {"id": model, "object": "model", "created": 0, "owned_by": pool}
+        for model, pool in models]}, separators=(",", ":"))
+    return route_components_pb2.Route(
+        name="models",
+        match=route_components_pb2.RouteMatch(
+            path="/v1/models",
+            headers=[route_components_pb2.HeaderMatcher(name=":method",
+                                                        string_match={"exact": "GET"})],
+        ),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=200, body=base_pb2.DataSource(inline_string=body)),
+        response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+    )
+
+
 def _model_route(model: str, pool: Pool, settings: GatewaySettings) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name=f"{pool.name}/{model}",
+        metadata=_route_metadata(pool),
         match=route_components_pb2.RouteMatch(
             prefix="/",
             headers=[
@@ -83,11 +115,9 @@ def _not_found(name: str, match: route_components_pb2.RouteMatch, message: str
 def build_route_configuration(
     pools: Iterable[Pool], settings: GatewaySettings
 ) -> route_pb2.RouteConfiguration:
-    routes = [
-        _model_route(model, pool, settings)
-        for pool in sorted(pools, key=lambda p: p.name)
-        for model in pool.models
-    ]
+    ordered = sorted(pools, key=lambda p: p.name)
+    routes = [_models_route(ordered)]
+    routes += [_model_route(model, pool, settings) for pool in ordered for model in pool.models]
     # A model the routes do not know yet (Lua and RDS update separately): 404, not a hang.
     routes.append(
         _not_found(

@@ -1,7 +1,9 @@
 """The rendered inline Lua (control_plane.resources.lua_filter) under LuaJIT with a fake handle.
 
 The fake follows the Envoy 1.40 behaviour the filter depends on: header objects die when
-body() yields, body() is nil without a body, dynamic metadata is shared with the response.
+body() yields, body() is nil without a body, dynamic metadata is shared with the response,
+and metadata() gives the metadata of the route the current headers select, frozen at its
+first read (so it must not be read before the model header is set).
 """
 
 import json
@@ -13,7 +15,11 @@ from lupa import luajit21
 
 from control_plane.resources.lua_filter import lua_asset, lua_literal, render_lua_source
 
-MODELS = {"chat-a": ("pool-a", "x-session-id"), "chat-b": ("pool-b", "X-Conv")}
+# The route metadata the control plane puts on each model's route.
+ROUTES = {
+    "chat-a": {"pool": "pool-a", "session_header": "x-session-id"},
+    "chat-b": {"pool": "pool-b", "session_header": "x-conv"},
+}
 
 FAKE_ENVOY = """
 local function header_map(state)
@@ -30,10 +36,18 @@ local function header_map(state)
 end
 
 -- A request handle over `headers` (lower-case names) and `body` (nil: no body).
-function fake_handle(headers, body, metadata)
+function fake_handle(headers, body, metadata, routes)
   local state = {headers = headers, live_maps = {}, body_calls = 0, cleared = 0,
                  metadata = metadata}
   local handle = {}
+  local route_metadata
+  function handle:metadata()
+    if route_metadata == nil then
+      local route = routes and routes[state.headers["x-hotpath-model"] or ""] or {}
+      route_metadata = {get = function(_, key) return route[key] end}
+    end
+    return route_metadata
+  end
   function handle:headers() return header_map(state) end
   function handle:body()
     state.body_calls = state.body_calls + 1
@@ -66,7 +80,8 @@ class Exchange:
     def __init__(self, lua: Any, request_headers: dict[str, str], body: bytes | None) -> None:
         headers = lua.table_from({k.encode(): v.encode() for k, v in request_headers.items()})
         self.metadata = lua.table()
-        handle, self.state = lua.globals().fake_handle(headers, body, self.metadata)
+        handle, self.state = lua.globals().fake_handle(headers, body, self.metadata,
+                                                       lua.globals().ROUTES)
         lua.globals().envoy_on_request(handle)
         self.reply = self.state[b"reply"]
         if self.reply is None:
@@ -90,8 +105,9 @@ class Exchange:
 @pytest.fixture(scope="module")
 def lua() -> Any:
     runtime = luajit21.LuaRuntime(encoding=None)
-    runtime.execute(render_lua_source(MODELS, 1 << 20).encode())
+    runtime.execute(render_lua_source(1 << 20).encode())
     runtime.execute(FAKE_ENVOY.encode())
+    runtime.execute(f"ROUTES = {lua_literal(ROUTES)}".encode())
     return runtime
 
 
@@ -181,37 +197,25 @@ def test_errors_are_openai_shaped_local_replies(
     assert "x-hotpath-model" not in ex.request_headers and not list(ex.metadata.keys())
 
 
-def test_models_list(lua: Any) -> None:
-    ex = Exchange(lua, {":method": "GET", ":path": "/v1/models"}, None)
-    assert ex.reply is not None and ex.reply[b"headers"][b":status"] == b"200"
-    doc = json.loads(ex.reply[b"body"])
-    assert [(m["id"], m["owned_by"]) for m in doc["data"]] == [
-        ("chat-a", "pool-a"),
-        ("chat-b", "pool-b"),
-    ]
-
-
 # --- rendering -----------------------------------------------------------------------------
 
 
 def test_render_is_module_config_filter_and_deterministic() -> None:
-    source = render_lua_source(MODELS, 123)
+    source = render_lua_source(123)
     assert source.startswith("HOTPATH = (function()\n" + lua_asset("hotpath.lua"))
     assert source.endswith(lua_asset("filter.lua"))
-    assert render_lua_source(dict(reversed(MODELS.items())), 123) == source
+    assert render_lua_source(123) == source
     assert source.isascii()
 
     runtime = luajit21.LuaRuntime(encoding=None)
     runtime.execute(source.encode())
     config = runtime.globals().HOTPATH_CONFIG
-    assert config[b"max_body_bytes"] == 123
-    assert config[b"models"][b"chat-b"][b"session_header"] == b"x-conv"
-    assert config[b"models"][b"chat-b"][b"pool"] == b"pool-b"
+    assert dict(config.items()) == {b"max_body_bytes": 123}
 
 
 def test_render_rejects_a_non_positive_limit() -> None:
     with pytest.raises(ValueError):
-        render_lua_source(MODELS, 0)
+        render_lua_source(0)
 
 
 def test_lua_asset_reads_the_checkout() -> None:

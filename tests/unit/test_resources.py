@@ -128,7 +128,7 @@ def test_golden_route_configuration_two_pools() -> None:
 
 
 def test_golden_listener() -> None:
-    listener = build_listener([CHAT, CODE], GatewaySettings())
+    listener = build_listener(GatewaySettings())
     check_golden("listener", _replace_lua(as_dict(listener)))
 
 
@@ -283,29 +283,30 @@ def test_one_route_per_model_then_404s() -> None:
     (vhost,) = config.virtual_hosts
     assert list(vhost.domains) == ["*"]
     names = [route.name for route in vhost.routes]
-    assert names == ["chat/llama-3-8b", "chat/llama-3-8b-instruct", "code/qwen-coder",
+    assert names == ["models", "chat/llama-3-8b", "chat/llama-3-8b-instruct", "code/qwen-coder",
                      "unknown-model", "no-route"]
-    for route in vhost.routes[:3]:
+    for route in vhost.routes[1:4]:
         (matcher,) = route.match.headers
         assert matcher.name == MODEL_HEADER == "x-hotpath-model"
         assert matcher.string_match.exact == route.name.split("/", 1)[1]
         assert route.route.cluster == route.name.split("/", 1)[0]
         (hash_policy,) = route.route.hash_policy
         assert hash_policy.header.header_name == SESSION_HEADER == "x-hotpath-session"
-    assert vhost.routes[3].direct_response.status == 404
-    assert vhost.routes[3].match.headers[0].present_match
     assert vhost.routes[4].direct_response.status == 404
+    assert vhost.routes[4].match.headers[0].present_match
+    assert vhost.routes[5].direct_response.status == 404
     assert list(config.response_headers_to_remove) == [MODEL_HEADER, SESSION_HEADER]
 
 
 def test_route_without_pools_still_answers_404() -> None:
     config = build_route_configuration([], GatewaySettings())
-    assert [r.name for r in config.virtual_hosts[0].routes] == ["unknown-model", "no-route"]
+    assert [r.name for r in config.virtual_hosts[0].routes] == ["models", "unknown-model",
+                                                                "no-route"]
 
 
 def test_route_timeout_zero_and_idle_timeout_from_settings() -> None:
     config = build_route_configuration([CHAT], GatewaySettings(idle_timeout_s=120.5))
-    action = config.virtual_hosts[0].routes[0].route
+    action = config.virtual_hosts[0].routes[1].route
     # Explicitly set: an absent timeout means Envoy's 15 s default.
     assert action.HasField("timeout")
     assert action.timeout.ToMilliseconds() == 0
@@ -314,7 +315,7 @@ def test_route_timeout_zero_and_idle_timeout_from_settings() -> None:
 
 def test_retry_policy_previous_hosts_and_retry_on() -> None:
     config = build_route_configuration([CHAT], GatewaySettings())
-    policy = config.virtual_hosts[0].routes[0].route.retry_policy
+    policy = config.virtual_hosts[0].routes[1].route.retry_policy
     retry_on = policy.retry_on.split(",")
     assert "connect-failure" in retry_on
     assert "reset" in retry_on
@@ -332,7 +333,7 @@ def test_retry_policy_previous_hosts_and_retry_on() -> None:
 def test_listener_shape() -> None:
     settings = GatewaySettings(listen_address="0.0.0.0", listen_port=10001,
                                max_body_bytes=1 << 20)
-    listener = build_listener([CHAT], settings)
+    listener = build_listener(settings)
     assert listener.name == LISTENER_NAME == "hotpath"
     assert listener.address.socket_address.address == "0.0.0.0"
     assert listener.address.socket_address.port_value == 10001
@@ -348,19 +349,39 @@ def test_listener_shape() -> None:
 
 def test_listener_lua_source() -> None:
     settings = GatewaySettings(max_body_bytes=4096)
-    listener = build_listener([CHAT, CODE], settings)
+    listener = build_listener(settings)
     lua = lua_pb2.Lua()
     assert hcm_of(listener).http_filters[0].typed_config.Unpack(lua)
-    models = {
-        "llama-3-8b": ("chat", "x-session-id"),
-        "llama-3-8b-instruct": ("chat", "x-session-id"),
-        "qwen-coder": ("code", "x-conversation"),
-    }
-    assert lua.default_source_code.inline_string == render_lua_source(models, 4096)
+    assert lua.default_source_code.inline_string == render_lua_source(4096)
+
+
+def test_listener_does_not_depend_on_pools() -> None:
+    # Replacing the listener drains every connection, cutting long generations: pool
+    # changes must reach Envoy through RDS (route metadata) and CDS/EDS only.
+    assert build_listener(GatewaySettings()) == build_listener(GatewaySettings())
+
+
+def test_model_routes_carry_pool_and_session_header_for_the_lua_filter() -> None:
+    routes = build_route_configuration([CHAT, CODE], GatewaySettings()).virtual_hosts[0].routes
+    by_name = {route.name: route for route in routes}
+    meta = by_name["code/qwen-coder"].metadata.filter_metadata["envoy.filters.http.lua"]
+    assert dict(meta) == {"pool": "code", "session_header": "x-conversation"}
+
+
+def test_models_route_lists_every_model_sorted() -> None:
+    routes = build_route_configuration([CODE, CHAT], GatewaySettings()).virtual_hosts[0].routes
+    models = routes[0]
+    assert models.match.path == "/v1/models"
+    assert models.direct_response.status == 200
+    doc = json.loads(models.direct_response.body.inline_string)
+    assert [(m["id"], m["owned_by"]) for m in doc["data"]] == [
+        ("llama-3-8b", "chat"), ("llama-3-8b-instruct", "chat"), ("qwen-coder", "code")]
+    assert [(h.header.key, h.header.value) for h in models.response_headers_to_add] == [
+        ("content-type", "application/json")]
 
 
 def test_local_replies_are_openai_shaped_for_contract_statuses() -> None:
-    hcm = hcm_of(build_listener([CHAT], GatewaySettings()))
+    hcm = hcm_of(build_listener(GatewaySettings()))
     by_status: Mapping[int, Any] = {
         mapper.filter.and_filter.filters[0].status_code_filter.comparison.value.default_value:
             mapper

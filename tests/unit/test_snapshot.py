@@ -189,14 +189,14 @@ def _short(type_urls: set[str]) -> set[str]:
         # The lb policy of a pool: CDS only.
         (lambda: resources(make_config(pools={"chat": dataclasses.replace(CHAT, lb="maglev"),
                                                "code": CODE})), {"CDS"}),
-        # A new session header: the Lua config in LDS only.
+        # A new session header: route metadata (RDS) only; the listener never changes.
         (lambda: resources(make_config(pools={
             "chat": dataclasses.replace(CHAT, session_header="x-conv"), "code": CODE})),
-         {"LDS"}),
-        # A new model: Lua (LDS) and routes (RDS).
+         {"RDS"}),
+        # A new model: routes (RDS) only.
         (lambda: resources(make_config(pools={
             "chat": dataclasses.replace(CHAT, models=("llama", "llama-2")), "code": CODE})),
-         {"LDS", "RDS"}),
+         {"RDS"}),
         # A weight: ring size (CDS) and endpoint weight (EDS).
         (lambda: resources(make_config(endpoints={
             "chat": {"gpu-0": Endpoint("chat", "gpu-0", "10.0.0.1", 8000, weight=2),
