@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,7 +18,15 @@ from typing import Any
 from etcd3aio import EtcdError
 
 from control_plane import admin
+from control_plane.config_file import (
+    add_apply_arguments,
+    add_export_arguments,
+    run_apply_from_args,
+    run_export_from_args,
+)
 from control_plane.model import ConfigError, GatewaySettings
+from control_plane.register import add_register_arguments, run_register_from_args
+from control_plane.sim.server import add_sim_arguments
 from control_plane.store.etcd import DEFAULT_ETCD, DEFAULT_PREFIX, EtcdSettings, EtcdSettingsError
 from control_plane.xds.server import XdsServerTls
 
@@ -327,15 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Envoy admin URL (env HOTPATH_ADMIN; default %(default)s)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    try:
-        from control_plane.sim.server import add_sim_arguments
-    except ImportError:
-        pass
-    else:
-        sim = command("sim", cmd_sim, "run simulated OpenAI-compatible GPU model servers",
-                      etcd=False)
-        add_sim_arguments(sim)
+    add_sim_arguments(command("sim", cmd_sim,
+                              "run simulated OpenAI-compatible GPU model servers", etcd=False))
+    add_register_arguments(command(
+        "register", run_register_from_args,
+        "keep a model server registered in a pool while it runs (etcd lease)"))
+    add_apply_arguments(command("apply", run_apply_from_args,
+                                "make etcd match a YAML/JSON config file"))
+    add_export_arguments(command("export", run_export_from_args,
+                                 "print pools and endpoints in apply's format"))
     return parser
+
+
+async def _until_signal(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a subcommand; SIGTERM (as from compose or `up`) stops it cleanly, like Ctrl-C."""
+    task = asyncio.ensure_future(handler(args))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -343,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     handler: Handler = args.handler
     try:
-        return asyncio.run(handler(args))
+        return asyncio.run(_until_signal(handler, args))
     except KeyboardInterrupt:
         return 130
     except (ConfigError, EtcdSettingsError) as exc:

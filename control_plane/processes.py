@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -34,13 +35,18 @@ def find_binary(name: str) -> str:
     return found
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+
+    return arm
 
 
 def etcd_command(data_dir: Path, client_port: int, peer_port: int, host: str = "127.0.0.1",
@@ -59,6 +65,8 @@ def etcd_command(data_dir: Path, client_port: int, peer_port: int, host: str = "
         # Every status write bumps the revision: keep history bounded.
         "--auto-compaction-mode", "periodic",
         "--auto-compaction-retention", "1h",
+        # `hotpath apply` writes a whole file in one transaction.
+        "--max-txn-ops", "1024",
         "--log-level", "warn",
     ]
 

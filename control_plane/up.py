@@ -71,7 +71,7 @@ class Stack:
         with open(log_path, "ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                preexec_fn=processes.die_with_parent,
+                preexec_fn=processes.die_with_parent(),
             )
         child = Child(name, process, log_path)
         self.children.append(child)
