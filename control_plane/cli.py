@@ -28,6 +28,7 @@ from control_plane.model import ConfigError, GatewaySettings
 from control_plane.register import add_register_arguments, run_register_from_args
 from control_plane.sim.server import add_sim_arguments
 from control_plane.store.etcd import DEFAULT_ETCD, DEFAULT_PREFIX, EtcdSettings, EtcdSettingsError
+from control_plane.warmth.service import add_prober_arguments, run_prober_from_args
 from control_plane.xds.server import XdsServerTls
 
 Handler = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
@@ -338,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim_arguments(command("sim", cmd_sim,
                               "run simulated OpenAI-compatible GPU model servers", etcd=False))
+    add_prober_arguments(command(
+        "prober", run_prober_from_args,
+        "keep endpoints warm with 1-token requests and report warm/cold/down to etcd"))
     add_register_arguments(command(
         "register", run_register_from_args,
         "keep a model server registered in a pool while it runs (etcd lease)"))

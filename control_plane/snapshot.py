@@ -43,11 +43,11 @@ def translate(
     assignments: dict[str, Message] = {}
     for name, pool in config.pools.items():
         endpoints = config.endpoints.get(name, {})
-        clusters[name] = build_cluster(pool, endpoints)
+        statuses = config.statuses.get(name, {})
         pool_resolved = {eid: ip for (p, eid), ip in resolved.items() if p == name}
-        assignments[name] = build_load_assignment(
-            pool, endpoints, pool_resolved, config.statuses.get(name, {}), now
-        )
+        # The ring size follows warmth: only a host whose state changed moves its sessions.
+        clusters[name] = build_cluster(pool, endpoints, statuses, now, resolved=pool_resolved)
+        assignments[name] = build_load_assignment(pool, endpoints, pool_resolved, statuses, now)
     listener = build_listener(settings)
     routes = build_route_configuration(config.pools.values(), settings)
     return {

@@ -95,7 +95,7 @@ class Stack:
                   ("127.0.0.1", s.admin_port, "Envoy admin (--admin-port)"),
                   ("127.0.0.1", s.xds_port, "xDS (--xds-port)"),
                   ("127.0.0.1", s.metrics_port, "control-plane metrics (--metrics-port)")]
-        if s.with_prober and self._prober_available():
+        if s.with_prober:
             wanted.append(("127.0.0.1", s.prober_metrics_port,
                            "prober metrics (--prober-metrics-port)"))
         if s.etcd_url is None:
@@ -141,7 +141,7 @@ class Stack:
             self._sim_task = asyncio.create_task(self._register_sims())
             where.append(("simulated GPUs", f"127.0.0.1:{s.sim_base_port}-{last} "
                                             f"(pool {SIM_POOL}, model {SIM_MODEL})"))
-        if s.with_prober and self._prober_available():
+        if s.with_prober:
             await self.spawn("prober", python + [
                 "prober", *etcd_args, "--admin", f"http://127.0.0.1:{s.admin_port}",
                 "--metrics", f"127.0.0.1:{s.prober_metrics_port}"])
@@ -158,12 +158,6 @@ class Stack:
                                f"(admin http://127.0.0.1:{s.admin_port})"))
         where.append(("logs", str(self.logs)))
         return where
-
-    @staticmethod
-    def _prober_available() -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("control_plane.warmth.prober") is not None
 
     async def _has_endpoints(self) -> bool:
         settings = EtcdSettings(urls=self.etcd_url, prefix=self.settings.prefix)

@@ -183,9 +183,10 @@ def _short(type_urls: set[str]) -> set[str]:
     [
         # A host moves: only its address in EDS.
         (lambda: resources(resolved={**RESOLVED, ("chat", "gpu-0"): "10.0.0.9"}), {"EDS"}),
-        # The prober marks a host down: EDS health only.
+        # The prober marks a host down: EDS health, and the ring size (CDS) so that the
+        # other hosts keep their points and their sessions.
         (lambda: resources(make_config(statuses={"chat": {
-            "gpu-0": Status("chat", "gpu-0", WarmState.DOWN, None, NOW)}})), {"EDS"}),
+            "gpu-0": Status("chat", "gpu-0", WarmState.DOWN, None, NOW)}})), {"CDS", "EDS"}),
         # The lb policy of a pool: CDS only.
         (lambda: resources(make_config(pools={"chat": dataclasses.replace(CHAT, lb="maglev"),
                                                "code": CODE})), {"CDS"}),
