@@ -48,9 +48,8 @@ class Up:
 
 def start_up(workdir: Path, *extra: str) -> Up:
     ports = {name: processes.free_port() for name in
-             ("listen", "admin", "xds", "etcd", "peer", "sim", "metrics", "prober")}
-    # Three consecutive free ports for the simulators are likely but not certain; the sim
-    # port only matters in tests that use the simulators.
+             ("listen", "admin", "xds", "etcd", "peer", "metrics", "prober")}
+    ports["sim"] = consecutive_free_ports(3)
     command = [sys.executable, "-m", "control_plane", "up",
                "--listen", f"127.0.0.1:{ports['listen']}", "--admin-port", str(ports["admin"]),
                "--xds-port", str(ports["xds"]), "--etcd-port", str(ports["etcd"]),
@@ -72,6 +71,16 @@ def start_up(workdir: Path, *extra: str) -> Up:
         raise
     assert process.poll() is None, up.output()
     return up
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports (the simulators' range)."""
+    for _ in range(100):
+        first = processes.free_port()
+        if first + count <= 65535 and not any(
+                processes.port_open("127.0.0.1", first + i) for i in range(count)):
+            return first
+    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def stop_up(up: Up, sig: int = signal.SIGINT) -> int:
