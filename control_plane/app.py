@@ -8,7 +8,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from control_plane.metrics import Metric, serve_metrics
+from control_plane.metrics import Family, serve_metrics
 from control_plane.model import Config, GatewaySettings
 from control_plane.resources.types import SHORT_NAMES
 from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
@@ -112,35 +112,41 @@ class ControlPlane:
     def healthy(self) -> bool:
         return bool(self.builder.current.versions) and self.follower.connected
 
-    def collect(self) -> list[Metric]:
-        """Samples for /metrics."""
+    def collect(self) -> list[Family]:
+        """Families for /metrics, read from the live state at scrape time."""
         stats = self.servicer.stats
-        versions = self.builder.current.versions
-        return [
-            Metric("hotpath_xds_connected_envoys", "gauge", "Envoys with an open ADS stream",
-                   (({}, float(len(stats.connected))),)),
-            Metric("hotpath_xds_responses_total", "counter", "ADS responses sent, by type",
-                   tuple(({"type": t}, float(n)) for t, n in sorted(stats.pushes.items()))),
-            Metric("hotpath_xds_nacks_total", "counter", "versions rejected by an Envoy",
-                   tuple(({"type": t}, float(n)) for t, n in sorted(stats.nacks.items()))),
-            Metric("hotpath_snapshots_published_total", "counter",
-                   "snapshots published (only when the translated config changed)",
-                   (({}, float(self.pushes)),)),
-            Metric("hotpath_snapshot_revision", "gauge",
-                   "etcd revision of the version each type was last published at",
-                   tuple(({"type": SHORT_NAMES[t]}, float(v.split("-", 1)[0]))
-                         for t, v in sorted(versions.items()))),
-            Metric("hotpath_etcd_connected", "gauge", "1 while the etcd watch is up",
-                   (({}, 1.0 if self.follower.connected else 0.0),)),
-            Metric("hotpath_etcd_revision", "gauge", "latest etcd revision seen by the watch",
-                   (({}, float(self.follower.synced_revision)),)),
-            Metric("hotpath_etcd_watch_lag_seconds", "gauge",
-                   "seconds since the etcd watch last heard from etcd (progress included)",
-                   (({}, self.follower.lag_seconds()),)),
-            Metric("hotpath_config_rejected_keys", "gauge",
-                   "etcd keys whose latest value is refused (last good value in force)",
-                   (({}, float(len(self.state.rejected))),)),
-        ]
+        connected = Family("hotpath_xds_connected_envoys", "gauge",
+                           "Envoys with an open ADS stream", ())
+        connected.set(len(stats.connected))
+        responses = Family("hotpath_xds_responses_total", "counter",
+                           "ADS responses sent, by type", ("type",))
+        for kind, count in stats.pushes.items():
+            responses.set(count, kind)
+        nacks = Family("hotpath_xds_nacks_total", "counter", "versions rejected by an Envoy",
+                       ("type",))
+        for kind, count in stats.nacks.items():
+            nacks.set(count, kind)
+        published = Family("hotpath_snapshots_published_total", "counter",
+                           "snapshots published (only when the translated config changed)", ())
+        published.set(self.pushes)
+        revision = Family("hotpath_snapshot_revision", "gauge",
+                          "etcd revision of the version each type was last published at",
+                          ("type",))
+        for type_url, version in self.builder.current.versions.items():
+            revision.set(float(version.split("-", 1)[0]), SHORT_NAMES[type_url])
+        etcd_up = Family("hotpath_etcd_connected", "gauge", "1 while the etcd watch is up", ())
+        etcd_up.set(1.0 if self.follower.connected else 0.0)
+        etcd_revision = Family("hotpath_etcd_revision", "gauge",
+                               "latest etcd revision seen by the watch", ())
+        etcd_revision.set(self.follower.synced_revision)
+        lag = Family("hotpath_etcd_watch_lag_seconds", "gauge",
+                     "seconds since the etcd watch last heard from etcd (progress included)", ())
+        lag.set(self.follower.lag_seconds())
+        rejected = Family("hotpath_config_rejected_keys", "gauge",
+                          "etcd keys whose latest value is refused (last good value in force)", ())
+        rejected.set(len(self.state.rejected))
+        return [connected, responses, nacks, published, revision, etcd_up, etcd_revision, lag,
+                rejected]
 
     def _resolve_due(self, config: Config) -> None:
         for host in self.resolver.due(config, time.monotonic()):

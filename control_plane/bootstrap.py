@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import string
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from control_plane.model import is_ip
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ COMPOSE = BootstrapSettings(node_id="hotpath-envoy", xds_host="control-plane", x
 def _transport_socket(host: str, tls: XdsClientTls | None) -> str:
     if tls is None:
         return ""
-    san_type = "IP_ADDRESS" if _is_ip(host) else "DNS"
+    san_type = "IP_ADDRESS" if is_ip(host) else "DNS"
     return f"""      transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:
@@ -64,14 +65,6 @@ def _transport_socket(host: str, tls: XdsClientTls | None) -> str:
                 - san_type: {san_type}
                   matcher: {{exact: {json.dumps(host)}}}
 """
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 def render_bootstrap(settings: BootstrapSettings) -> str:

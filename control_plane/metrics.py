@@ -1,51 +1,128 @@
-"""Prometheus text exposition for the control plane, and its small HTTP server.
+"""Prometheus metrics: counters, gauges and histograms rendered as text exposition 0.0.4,
+and the small HTTP server every hotpath process uses for ``/metrics`` and ``/healthz``.
 
-``render`` is pure (samples in, text out); ``serve_metrics`` is the aiohttp shell that also
-answers ``/healthz`` (200 once etcd has been read and a snapshot published) for compose.
+Families and ``render`` are pure; ``serve_metrics`` is the aiohttp shell.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterable, Sequence
 
 from aiohttp import web
 
+Labels = tuple[tuple[str, str], ...]
 
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    kind: str  # counter or gauge
-    help: str
-    samples: tuple[tuple[dict[str, str], float], ...] = field(default_factory=tuple)
+# Seconds; from a warm one-token answer (~10-50 ms) to a cold model load.
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    escaped = (
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + ",".join(escaped) + "}"
+def _labels(labels: Labels, extra: str = "") -> str:
+    parts = [f'{k}="{_escape(v)}"' for k, v in labels]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def render(metrics: Iterable[Metric]) -> str:
-    lines = []
-    for metric in metrics:
-        lines.append(f"# HELP {metric.name} {metric.help}")
-        lines.append(f"# TYPE {metric.name} {metric.kind}")
-        for labels, value in metric.samples:
-            lines.append(f"{metric.name}{_labels(labels)} {value:g}")
-    return "\n".join(lines) + "\n"
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def serve_metrics(host: str, port: int, collect: Callable[[], Iterable[Metric]],
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class Family:
+    """One metric name with samples keyed by label values."""
+
+    def __init__(self, name: str, kind: str, help: str, label_names: Sequence[str]) -> None:
+        self.name = name
+        self.kind = kind
+        self.help = help
+        self.label_names = tuple(label_names)
+        self.values: dict[Labels, float] = {}
+
+    def key(self, values: Sequence[str]) -> Labels:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {values}")
+        return tuple(zip(self.label_names, values, strict=True))
+
+    def inc(self, *labels: str, by: float = 1.0) -> None:
+        key = self.key(labels)
+        self.values[key] = self.values.get(key, 0.0) + by
+
+    def set(self, value: float, *labels: str) -> None:
+        self.values[self.key(labels)] = value
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(self.key(labels), 0.0)
+
+    def remove(self, predicate: dict[str, str]) -> None:
+        """Drop samples whose labels include ``predicate`` (an endpoint that went away)."""
+        for key in [k for k in self.values if predicate.items() <= dict(k).items()]:
+            del self.values[key]
+
+    def lines(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        out += [f"{self.name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        return out
+
+
+class Histogram(Family):
+    def __init__(self, name: str, help: str, label_names: Sequence[str],
+                 buckets: Sequence[float] = PROBE_BUCKETS) -> None:
+        super().__init__(name, "histogram", help, label_names)
+        self.buckets = tuple(buckets)
+        self.counts: dict[Labels, list[int]] = {}
+        self.sums: dict[Labels, float] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        key = self.key(labels)
+        counts = self.counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+        counts[-1] += 1
+        self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def count(self, *labels: str) -> int:
+        counts = self.counts.get(self.key(labels))
+        return counts[-1] if counts else 0
+
+    def remove(self, predicate: dict[str, str]) -> None:
+        for key in [k for k in self.counts if predicate.items() <= dict(k).items()]:
+            del self.counts[key]
+            del self.sums[key]
+
+    def lines(self) -> list[str]:
+        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for key in sorted(self.counts):
+            counts = self.counts[key]
+            bounds = [_number(b) for b in self.buckets] + ["+Inf"]
+            for bound, count in zip(bounds, counts, strict=True):
+                le = 'le="' + bound + '"'
+                out.append(f"{self.name}_bucket{_labels(key, le)} {count}")
+            out.append(f"{self.name}_sum{_labels(key)} {_number(self.sums[key])}")
+            out.append(f"{self.name}_count{_labels(key)} {counts[-1]}")
+        return out
+
+
+def render(families: Iterable[Family]) -> str:
+    return "\n".join(line for family in families for line in family.lines()) + "\n"
+
+
+async def serve_metrics(host: str, port: int, families: Callable[[], Iterable[Family]],
                         healthy: Callable[[], bool]) -> web.AppRunner:
+    """Serve ``/metrics`` and ``/healthz`` (200 when ``healthy()``, else 503) on host:port.
+
+    Port 0 picks a free port: ``runner.addresses`` has the one bound.
+    """
+
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=render(collect()),
-                            content_type="text/plain", charset="utf-8",
-                            headers={"x-prometheus-format": "0.0.4"})
+        return web.Response(text=render(families()), content_type="text/plain",
+                            charset="utf-8")
 
     async def healthz(_: web.Request) -> web.Response:
         ok = healthy()
@@ -56,5 +133,5 @@ async def serve_metrics(host: str, port: int, collect: Callable[[], Iterable[Met
     app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host or "127.0.0.1", port).start()
     return runner

@@ -75,7 +75,7 @@ class Endpoint:
 
     @property
     def is_ip(self) -> bool:
-        return _is_ip(self.address)
+        return is_ip(self.address)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Config:
     statuses: Mapping[str, Mapping[str, Status]] = field(default_factory=dict)
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -231,7 +231,7 @@ def parse_endpoint(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> E
     if "address" not in value:
         raise ConfigError(key, "address is required (an IP or hostname)")
     address = value["address"]
-    if not isinstance(address, str) or not (_is_ip(address) or HOSTNAME_RE.fullmatch(address)):
+    if not isinstance(address, str) or not (is_ip(address) or HOSTNAME_RE.fullmatch(address)):
         raise ConfigError(key, f"address must be an IP or hostname, got {json.dumps(address)}")
     if "port" not in value:
         raise ConfigError(key, "port is required")

@@ -230,7 +230,8 @@ class LeaseLost(RuntimeError):
     """etcd no longer knows the lease (it expired while etcd was unreachable)."""
 
 
-async def _keep_alive_once(client: Etcd3Client, lease_id: int) -> None:
+async def keep_alive_once(client: Etcd3Client, lease_id: int) -> None:
+    """Renew a lease once; LeaseLost when etcd no longer has it."""
     assert client.lease is not None
     call = client.lease.keep_alive(lease_id)
     try:
@@ -238,6 +239,7 @@ async def _keep_alive_once(client: Etcd3Client, lease_id: int) -> None:
             if reply.TTL <= 0:
                 raise LeaseLost(f"lease {lease_id:x} expired")
             return
+        raise LeaseLost(f"lease {lease_id:x}: keep-alive stream ended")
     finally:
         call.cancel()
 
@@ -261,7 +263,7 @@ async def hold_under_lease(settings: EtcdSettings, entries: list[tuple[str, Any]
                         registered.set()
                     while True:
                         await asyncio.sleep(max(0.5, ttl / 3))
-                        await asyncio.wait_for(_keep_alive_once(client, lease.ID), timeout=5)
+                        await asyncio.wait_for(keep_alive_once(client, lease.ID), timeout=5)
                 except asyncio.CancelledError:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(client.lease.revoke(lease.ID), timeout=3)

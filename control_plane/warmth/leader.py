@@ -21,30 +21,13 @@ from collections.abc import Callable
 from etcd3aio import Etcd3Client
 from etcd3aio.kv import KVService
 
-from control_plane.store.etcd import EtcdSettings, etcd_client
+from control_plane.store.etcd import EtcdSettings, etcd_client, keep_alive_once
 
 log = logging.getLogger(__name__)
 
 
 def leader_key(prefix: str) -> str:
     return prefix.rstrip("/") + ".prober-leader"
-
-
-class LeaseLost(RuntimeError):
-    """etcd no longer knows this prober's lease."""
-
-
-async def _renew(client: Etcd3Client, lease_id: int) -> None:
-    assert client.lease is not None
-    call = client.lease.keep_alive(lease_id)
-    try:
-        async for reply in call:
-            if reply.TTL <= 0:
-                raise LeaseLost(f"lease {lease_id:x} expired")
-            return
-        raise LeaseLost(f"lease {lease_id:x}: keep-alive stream ended")
-    finally:
-        call.cancel()
 
 
 class LeaderElection:
@@ -107,7 +90,8 @@ class LeaderElection:
                                 await self._still_held(client, lease.ID)
                             if not self.leader:
                                 await self._campaign(client, lease.ID)
-                            await asyncio.wait_for(_renew(client, lease.ID), timeout=period)
+                            await asyncio.wait_for(keep_alive_once(client, lease.ID),
+                                                   timeout=period)
                             backoff = 0.5
                             await asyncio.sleep(period)
                     finally:

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from etcd3aio import Etcd3Client
 
+from control_plane.metrics import Family, Histogram, serve_metrics
 from control_plane.model import (
     DEFAULT_SYSTEM_PROMPT,
     Config,
@@ -42,7 +43,6 @@ from control_plane.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings, delete, etcd_client, put_json
 from control_plane.warmth import state as machine
 from control_plane.warmth.leader import LeaderElection
-from control_plane.warmth.metrics import Family, Histogram, render
 from control_plane.warmth.probe import (
     PROBE_HEADER,
     PROBER_HEADER,
@@ -224,22 +224,8 @@ class Prober:
 
     async def _serve_metrics(self, address: str) -> web.AppRunner:
         host, _, port = address.rpartition(":")
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=render(self.metrics.families()),
-                                content_type="text/plain", charset="utf-8")
-
-        async def healthz(_: web.Request) -> web.Response:
-            ok = self.follower.connected
-            return web.Response(status=200 if ok else 503, text="ok\n" if ok else "starting\n")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-        await site.start()
+        runner = await serve_metrics(host, int(port), self.metrics.families,
+                                     lambda: self.follower.connected)
         self.metrics_port = runner.addresses[0][1]
         log.info("prober metrics on http://%s:%d/metrics", host, self.metrics_port)
         return runner

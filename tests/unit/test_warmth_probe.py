@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from control_plane.metrics import Family, Histogram, render
 from control_plane.model import DEFAULT_SYSTEM_PROMPT, Endpoint, Pool, Warmup
 from control_plane.processes import free_port
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import serve, stop_sims
-from control_plane.warmth.metrics import Family, Histogram, render
 from control_plane.warmth.probe import (
     PROBE_HEADER,
     Usage,
