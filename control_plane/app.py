@@ -140,7 +140,8 @@ class ControlPlane:
                                "latest etcd revision seen by the watch", ())
         etcd_revision.set(self.follower.synced_revision)
         lag = Family("hotpath_etcd_watch_lag_seconds", "gauge",
-                     "seconds since the etcd watch last heard from etcd (progress included)", ())
+                     "seconds the etcd watch has been behind the newest write under the prefix",
+                     ())
         lag.set(self.follower.lag_seconds())
         rejected = Family("hotpath_config_rejected_keys", "gauge",
                           "etcd keys whose latest value is refused (last good value in force)", ())

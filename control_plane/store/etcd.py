@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
 
 from control_plane.state import ConfigState
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/hotpath/"
+HEALTH_INTERVAL_S = 2.0
 
 
 class EtcdSettingsError(ValueError):
@@ -149,10 +150,12 @@ class EtcdFollower:
         self.connected = False
         self.synced_revision = 0
         self.heard_at = time.monotonic()
+        self.behind_since: float | None = None
         self._logged: dict[str, str] = {}
 
     def lag_seconds(self) -> float:
-        return time.monotonic() - self.heard_at
+        """How long the watch has been behind the newest write under the prefix (0: not)."""
+        return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since
 
     def _apply(self, key: str, value: bytes | None, revision: int) -> None:
         rejection = self.state.apply(key, value, revision)
@@ -191,7 +194,12 @@ class EtcdFollower:
                     self.synced_revision = revision
                     self.heard_at = time.monotonic()
                     self.on_change(revision)
-                    await self._watch(client, revision + 1)
+                    health = asyncio.create_task(self._health(client), name="etcd-health")
+                    try:
+                        await self._watch(client, revision + 1)
+                    finally:
+                        health.cancel()
+                        await asyncio.gather(health, return_exceptions=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure: retry, keep last config
@@ -202,6 +210,34 @@ class EtcdFollower:
                 self.connected = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _health(self, client: Etcd3Client) -> None:
+        """The watch retries a lost etcd silently: this check is what notices, and measures
+        how long the watch has been behind the newest write under the prefix."""
+        assert client.kv is not None
+        name = self.settings.prefix
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            try:
+                reply = await client.kv.get(
+                    name, range_end=prefix_range_end(name), limit=1, keys_only=True,
+                    sort_order=SortOrder.DESCEND, sort_target=SortTarget.MOD,
+                    timeout=HEALTH_INTERVAL_S, max_attempts=1)
+            except (EtcdError, TimeoutError) as exc:
+                if self.connected:
+                    log.warning("etcd unreachable at %s (%s); Envoy keeps its last config",
+                                self.settings.urls, exc)
+                self.connected = False
+                continue
+            if not self.connected:
+                log.info("etcd reachable again at %s", self.settings.urls)
+            self.connected = True
+            self.heard_at = time.monotonic()
+            newest = max((int(kv.mod_revision) for kv in reply.kvs), default=0)
+            if newest > self.synced_revision:
+                self.behind_since = self.behind_since or time.monotonic()
+            else:
+                self.behind_since = None
 
     async def _watch(self, client: Etcd3Client, start: int) -> None:
         assert client.watch is not None
@@ -214,16 +250,14 @@ class EtcdFollower:
                             "cancelled" if reply.canceled else "compacted",
                             reply.compact_revision)
                 return
-            if not reply.events:
-                self.synced_revision = int(reply.header.revision)
-                continue
             for event in reply.events:
                 key = event.kv.key.decode()[len(name):]
                 deleted = event.type == 1  # mvccpb.Event.DELETE
                 self._apply(key, None if deleted else bytes(event.kv.value),
                             int(event.kv.mod_revision))
             self.synced_revision = int(reply.header.revision)
-            self.on_change(self.synced_revision)
+            if reply.events:
+                self.on_change(self.synced_revision)
 
 
 class LeaseLost(RuntimeError):
