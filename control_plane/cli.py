@@ -18,6 +18,7 @@ from typing import Any
 from etcd3aio import EtcdError
 
 from control_plane import admin
+from control_plane.bench import add_bench_arguments, run_bench_from_args
 from control_plane.config_file import (
     add_apply_arguments,
     add_export_arguments,
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Envoy admin URL (env HOTPATH_ADMIN; default %(default)s)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    add_bench_arguments(command(
+        "bench", run_bench_from_args,
+        "replay multi-turn chat sessions through routing strategies and gateways, and report",
+        etcd=False))
     add_sim_arguments(command("sim", cmd_sim,
                               "run simulated OpenAI-compatible GPU model servers", etcd=False))
     add_prober_arguments(command(

@@ -73,6 +73,10 @@ async def _stream_turn(http: aiohttp.ClientSession, url: str, body: dict[str, An
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
+                # An empty answer (the model stopped at once) is still an answer; its first
+                # token was the end of the stream.
+                if ttft is None:
+                    ttft = loop.time() - sent
                 break
             chunk = json.loads(data)
             if chunk.get("usage"):

@@ -68,7 +68,7 @@ class StrategyReport:
     returning_turns_hit: float | None = None  # share of returning turns with >= 90% of it
     cold_hits: int = 0  # turns whose TTFT shows they waited for a model load
     cold_starts: int | None = None  # model loads, from the servers' metrics
-    per_server: dict[str, int] = field(default_factory=dict)
+    per_server: dict[str, int] = field(default_factory=dict)  # "?": backend did not say
     probe_requests: int | None = None  # generations the servers ran that no client asked for
     probe_tokens: int | None = None  # their prompt + generated tokens
     first_error: str | None = None
@@ -198,7 +198,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(out)
+    return "\n".join(line.rstrip() for line in out)
 
 
 def format_strategies(strategies: Sequence[StrategyReport]) -> str:
@@ -216,7 +216,7 @@ def format_strategies(strategies: Sequence[StrategyReport]) -> str:
             f"{_f(t.p50)}/{_f(t.p95)}/{_f(t.p99)}", f"{_f(e.p50)}/{_f(e.p95)}/{_f(e.p99)}",
             _pct(s.prefix_hit_ratio), str(s.cold_hits),
             "-" if s.cold_starts is None else str(s.cold_starts),
-            " ".join(str(n) for n in s.per_server.values()) or "-",
+            " ".join(str(n) for k, n in s.per_server.items() if k != "?") or "-",
             "-" if s.probe_requests is None else str(s.probe_requests),
         ])
         if s.errors:
@@ -294,8 +294,10 @@ def write_png(report: Mapping[str, Any], path: Path) -> str | None:
         return "matplotlib is not installed (pip install matplotlib): no chart"
     strategies = [s for s in report["strategies_obj"] if s.available and s.ok]
     overhead = [o for o in report["overhead_obj"] if o.available and o.rps]
-    panels = 3 + (1 if overhead else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
+    fig, grid = plt.subplots(2, 2, figsize=(12, 9))
+    axes = list(grid.flat)
+    if not overhead:
+        axes[3].set_visible(False)
     labels = [s.label for s in strategies]
     x = list(range(len(strategies)))
     width = 0.27

@@ -46,20 +46,25 @@ from control_plane.bench.strategies import (
     HotpathStack,
     StrategySpec,
     prime,
-    prober_available,
     prober_command,
     scrape,
     start_sims,
 )
 from control_plane.bench.workload import Scenario, Workload, balanced_assignment, generate
+from control_plane.processes import MissingBinary
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import DEFAULT_MODEL
 
-DEFAULT_TIME_SCALE = 0.1
-# Scale-to-zero after 30 s without a request (Knative's default grace period): a server that
-# sees only every third turn of a slow chat goes cold, one that sees every turn does not.
-DEFAULT_IDLE_TO_COLD_S = 30.0
+DEFAULT_TIME_SCALE = 0.03  # ~16 s of wall time per strategy for the default scenario
+# Servers unload the model after 20 s without a request (scale-to-zero, idle model unloading):
+# as long as the longest pause within a session (think <= 20 s), so a session's own server
+# stays warm while the session lasts, and shorter than the gaps that round robin leaves on
+# each server while few sessions are active.
+DEFAULT_IDLE_TO_COLD_S = 20.0
 DEFAULT_STRATEGIES = tuple(s.name for s in STRATEGIES)
+ORACLE_NEVER_COLD_S = 1e9
+LEAD_S = 20.0  # scenario seconds between registering the servers and the first session
+PROBE_INTERVAL_S = 10.0  # scenario seconds between probes of one server
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,9 @@ def _pool_value(cfg: BenchConfig, spec: StrategySpec, system_prompt: str) -> dic
     if spec.prober:
         scale = cfg.time_scale
         # The prober primes with the prefix every session shares (the system prompt), on the
-        # simulator's clock: it probes every 10 scenario seconds.
+        # simulator's clock.
         value["warmup"] = {
-            "interval_s": max(0.2, 10.0 * scale),
+            "interval_s": max(0.1, PROBE_INTERVAL_S * scale),
             "timeout_s": max(5.0, 2 * cfg.sim.cold_start_s * scale),
             "cold_ttft_ms": 1000 * cfg.cold_threshold_s * scale,
             "body": {"model": cfg.model, "max_tokens": 1,
@@ -176,6 +181,7 @@ class Runner:
         self.progress = progress
         self.stack: HotpathStack | None = None
         self.endpoint_ids: list[str] = []
+        self.upstream_kind = ""
 
     async def ensure_stack(self) -> HotpathStack:
         if self.stack is None:
@@ -189,9 +195,6 @@ class Runner:
 
     def availability(self, spec: StrategySpec) -> str | None:
         """Why the strategy cannot run here, or None."""
-        if spec.prober and not prober_available():
-            return ("the prober (control_plane/warmth/prober.py, `hotpath prober`) is not in "
-                    "this build")
         if spec.peer is not None:
             peer = PEER_BY_NAME[spec.peer]
             if find_peer(peer, self.cfg.peers_bin) is None:
@@ -210,8 +213,11 @@ class Runner:
             if cfg.backends:
                 backends = _backends_from_urls(cfg.backends)
             else:
+                params = cfg.sim
+                if spec.kind == "oracle":  # by definition every turn meets a warm server
+                    params = dataclasses.replace(params, idle_to_cold_s=ORACLE_NEVER_COLD_S)
                 backends, sims = await start_sims(self.group, f"sim-{spec.name}", cfg.servers,
-                                                  cfg.sim, cfg.model)
+                                                  params, cfg.model)
                 started.append(sims)
             route: Route
             if spec.kind == "hotpath":
@@ -236,14 +242,22 @@ class Runner:
                 peer = PEER_BY_NAME[spec.peer]
                 binary = find_peer(peer, cfg.peers_bin)
                 assert binary is not None
-                url, child = await start_peer(self.group, peer, binary, backends, "replay")
+                try:
+                    url, child = await start_peer(self.group, peer, binary, backends, "replay")
+                except BenchError as exc:  # a peer that does not start is reported, not fatal
+                    self.progress.skip(workload.turn_count)
+                    return unavailable(spec.name, spec.label, f"did not start: {exc}"[:500])
                 started.append(child)
                 route = lambda _s: url  # noqa: E731
+            # Servers are registered this long before the first session, in every strategy:
+            # a prober can use it to prime them; for everyone else they just stay cold.
+            self.progress.stage(f"{spec.label}: servers registered, traffic starts soon")
+            await asyncio.sleep(min(LEAD_S * cfg.time_scale, 5.0))  # real time: at most 5 s
             self.progress.stage(f"{spec.label}: replaying")
             settings = ReplaySettings(
                 model=cfg.model, time_scale=cfg.time_scale,
                 session_header="x-session-id" if cfg.session_header else None,
-                request_timeout_s=max(30.0, 60 * cfg.time_scale * 10),
+                request_timeout_s=max(30.0, 120.0 * cfg.time_scale),
                 deadline_s=cfg.deadline_s)
             results, truncated = await replay(workload, route, settings, self.progress.turn)
             self.progress.skip(workload.turn_count - len(results))
@@ -265,7 +279,8 @@ class Runner:
         settings = cfg.overhead_settings
         gen = ov.LoadGen.make(self.group.workdir, STATIC_MODEL)
         self.progress.stage("overhead: starting the static upstream")
-        upstream = await ov.start_static_upstream(self.group)
+        upstream, self.upstream_kind = await ov.start_static_upstream(
+            self.group, find_peer(PEER_BY_NAME["nginx-hash"], cfg.peers_bin))
         reports: list[OverheadReport] = []
         step = self.progress.stage
         reports.append(await ov.measure(gen, "direct", "direct (no gateway)", upstream[0].url,
@@ -281,7 +296,12 @@ class Runner:
                                               note=f"{peer.binary} not found "
                                                    f"(install: {peer.install})"))
                 continue
-            url, child = await start_peer(self.group, peer, binary, upstream, "overhead")
+            try:
+                url, child = await start_peer(self.group, peer, binary, upstream, "overhead")
+            except BenchError as exc:
+                reports.append(OverheadReport(peer.name, peer.label, available=False,
+                                              note=f"did not start: {exc}"[:500]))
+                continue
             try:
                 reports.append(await ov.measure(gen, peer.name, peer.label, url, settings,
                                                 step))
@@ -323,6 +343,7 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
     workdir = cfg.out_dir / "logs"
     if workdir.exists():
         shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
     group = ProcessGroup(workdir)
     progress = Progress(workload.turn_count * len(cfg.strategies),
                         progress_out or sys.stderr, enabled=progress_out is not None)
@@ -335,8 +356,9 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
             report = await runner.strategy(BY_NAME[name], generate(cfg.scenario, salt=name))
             strategies.append(report)
             if report.available:
+                hit = report.prefix_hit_ratio
                 progress.note(f"{report.label}: p95 e2e {report.e2e_s.p95 or 0:.2f}s, "
-                              f"prefix hit {100 * (report.prefix_hit_ratio or 0):.1f}%, "
+                              f"prefix hit {'-' if hit is None else f'{100 * hit:.1f}%'}, "
                               f"{report.cold_hits} cold hits, {report.errors} errors")
             else:
                 progress.note(f"{report.label}: not run ({report.note})")
@@ -345,7 +367,9 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
     finally:
         progress.close()
         await asyncio.to_thread(group.close)
-    return build_report(_meta(cfg, workload), strategies, overhead)
+    meta = _meta(cfg, workload)
+    meta["overhead_upstream"] = runner.upstream_kind or None
+    return build_report(meta, strategies, overhead)
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -397,10 +421,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "(env HOTPATH_BENCH_PEERS_BIN)")
     r.add_argument("--no-peers", action="store_true", help="skip nginx and the routers")
     r.add_argument("--no-overhead", action="store_true", help="skip the overhead measurement")
-    r.add_argument("--overhead-seconds", type=float, default=5.0,
+    r.add_argument("--overhead-seconds", type=float, default=4.0,
                    help="throughput run per gateway (latency run: 3/5 of it) (%(default)s)")
     r.add_argument("--overhead-connections", type=int, default=64,
                    help="connections for the throughput run (%(default)s)")
+    r.add_argument("--wrk-threads", type=int, default=2,
+                   help="wrk threads for the throughput run (%(default)s)")
     r.add_argument("--deadline", type=float, default=300.0,
                    help="wall seconds a strategy's replay may take at most (%(default)s)")
     r.add_argument("--bench-etcd", default=None, metavar="URL",
@@ -431,7 +457,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         deadline_s=args.deadline, peers_bin=args.peers_bin, overhead=not args.no_overhead,
         overhead_settings=ov.OverheadSettings(latency_seconds=lat,
                                               throughput_seconds=args.overhead_seconds,
-                                              connections=args.overhead_connections),
+                                              connections=args.overhead_connections,
+                                              wrk_threads=args.wrk_threads),
         etcd=args.bench_etcd, out_dir=Path(args.out), png=not args.no_png,
         command=shlex.join(["hotpath" if Path(sys.argv[0]).name == "hotpath" else sys.argv[0],
                             *sys.argv[1:]]))
@@ -441,7 +468,7 @@ async def run_bench_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         report = await run_bench(cfg)
-    except (BenchError, ValueError) as exc:
+    except (BenchError, ValueError, MissingBinary) as exc:
         print(f"hotpath bench: {exc}", file=sys.stderr)
         return 1
     print(format_report(report))

@@ -13,10 +13,8 @@ Fairness rules (docs/benchmark.md explains them):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import importlib.util
 import json
 import re
 import subprocess
@@ -62,17 +60,6 @@ STRATEGIES = (
     StrategySpec("sglang-router", "sglang-router cache_aware", "peer", peer="sglang-router"),
 )
 BY_NAME = {s.name: s for s in STRATEGIES}
-
-
-def prober_available() -> bool:
-    """The prober of issue 5, wired as `hotpath prober` (the same command line `up` uses)."""
-    if importlib.util.find_spec("control_plane.warmth.prober") is None:
-        return False
-    from control_plane.cli import build_parser
-
-    parser = build_parser()
-    return any(isinstance(a, argparse._SubParsersAction) and "prober" in a.choices
-               for a in parser._actions)
 
 
 # -- backends ----------------------------------------------------------------------------------
@@ -202,7 +189,8 @@ class HotpathStack:
             sys.executable, "-m", "control_plane", "control-plane", "--etcd", self.etcd_url,
             "--prefix", self.settings.prefix, "--xds", f"127.0.0.1:{xds}",
             "--listen", f"127.0.0.1:{self.listen_port}",
-            "--access-log", str((g.workdir / "envoy-access.log").resolve())])
+            "--access-log", str((g.workdir / "envoy-access.log").resolve()),
+            "--metrics", "off"])
         await g.wait("control-plane", cp, lambda: processes.port_open("127.0.0.1", xds), 30,
                      "xDS port")
         bootstrap = g.workdir / "envoy-bootstrap.yaml"
@@ -219,8 +207,8 @@ class HotpathStack:
                      "listener")
 
     async def put_pools(self, pools: dict[str, dict[str, Any]]) -> None:
-        """Write the pools, then wait until Envoy knows each model (503 without endpoints,
-        not 404), so later switches only touch clusters and endpoints."""
+        """Write the pools, then wait until Envoy knows each model (503: no endpoint yet; not
+        404), so later switches only touch clusters and endpoints."""
         async with etcd_client(self.settings) as client:
             for name, value in pools.items():
                 await put_json(client, self.settings, f"pools/{name}", value)
@@ -229,21 +217,27 @@ class HotpathStack:
         deadline = loop.time() + 30
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             for model in models:
+                last = ""
                 while True:
                     # No messages: a backend would refuse it, so it can never warm one.
                     async with http.post(f"{self.url}/v1/chat/completions",
                                          json={"model": model}) as resp:
-                        if resp.status != 404:
+                        if resp.status in (400, 503):
                             break
+                        last = f"{resp.status} {(await resp.text())[:200]}"
                     if loop.time() > deadline:
-                        raise BenchError(f"Envoy did not learn model {model} in 30s")
+                        raise BenchError(f"Envoy did not route model {model} within 30s (last "
+                                         f"answer: {last}); see {self.group.workdir}/envoy.log")
                     await asyncio.sleep(0.1)
 
     async def switch(self, pool: str, value: dict[str, Any], backends: Sequence[Backend],
                      old: Sequence[str] = ()) -> list[str]:
         """Replace the pool's endpoints and settings; wait until Envoy runs exactly them.
-        Returns the endpoint ids (pass them as `old` to the next switch)."""
-        ids = [f"{b.name}-{b.port}" for b in backends]
+        Returns the endpoint ids (pass them as `old` to the next switch). Ids are the same in
+        every strategy and run (`<pool>-<i>`): ring hash places hosts by id, so every hashing
+        strategy splits the sessions the same way."""
+        ids = [f"{pool}-{i}" for i in range(len(backends))]
+        want = {(i, b.port) for i, b in zip(ids, backends, strict=True)}
         async with etcd_client(self.settings) as client:
             for endpoint in old:
                 await delete(client, self.settings, f"endpoints/{pool}/{endpoint}")
@@ -256,12 +250,14 @@ class HotpathStack:
                    "ring_hash": "RING_HASH", "maglev": "MAGLEV"}[value.get("lb", "ring_hash")]
 
         def converged() -> bool:
-            hosts: set[str] = set()
+            hosts: set[tuple[str, int]] = set()
             for status in _get_json(f"{self.admin_url}/clusters?format=json").get(
                     "cluster_statuses", []):
                 if status["name"] == pool:
-                    hosts = {h.get("hostname", "") for h in status.get("host_statuses", [])}
-            if hosts != set(ids):
+                    hosts = {(h.get("hostname", ""),
+                              int(h["address"]["socket_address"]["port_value"]))
+                             for h in status.get("host_statuses", [])}
+            if hosts != want:
                 return False
             dump = _get_json(f"{self.admin_url}/config_dump?resource=dynamic_active_clusters")
             for item in dump.get("configs", []):
@@ -280,6 +276,9 @@ class HotpathStack:
 
 
 def prober_command(stack: HotpathStack) -> list[str]:
+    """One prober, no election, no metrics port; Envoy's admin shows it real traffic so that
+    it never probes a server that is serving (the prober's own rule)."""
     assert stack.etcd_url is not None
     return [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd_url,
-            "--prefix", stack.settings.prefix, "--admin", stack.admin_url]
+            "--prefix", stack.settings.prefix, "--admin", stack.admin_url, "--metrics", "off",
+            "--no-election"]

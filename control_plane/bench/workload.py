@@ -17,7 +17,7 @@ _WORDS = (
     "as", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not", "what",
     "all", "were", "we", "when", "your", "can", "said", "use", "each", "she", "do", "how",
     "if", "will", "up", "out", "many", "then", "them", "so", "some", "her", "make", "like",
-    "him", "into", "time", "has", "look", "two", "more", "go", "see", "no", "way", "could",
+    "him", "into", "time", "has", "look", "two", "more", "go", "see", "no", "way", "cold",
     "my", "than", "been", "call", "who", "its", "now", "find", "long", "down", "day", "did",
     "get", "come", "made", "may", "part", "over", "new", "take", "only", "work", "know",
     "year", "live", "me", "back", "give", "most", "very", "good", "man", "our", "just", "name",
@@ -31,10 +31,10 @@ class Scenario:
     """A chat application's traffic. Defaults: a support/coding assistant with a long shared
     system prompt, a first message that often pastes something, short follow-ups."""
 
-    sessions: int = 31  # deliberately not a multiple of the usual 3 servers
+    sessions: int = 25  # deliberately not a multiple of the usual 3 servers
     min_turns: int = 4
     max_turns: int = 8
-    arrival_window_s: float = 120.0  # sessions start at uniform random times in this window
+    arrival_window_s: float = 420.0  # sessions start at uniform random times in this window
     min_think_s: float = 5.0  # user reads the answer and types the next message
     max_think_s: float = 20.0
     system_tokens: int = 1200  # shared by every session (same app, same instructions)
