@@ -68,6 +68,26 @@ class ConfigState:
             self._retry_refused_pools()
         return rejection
 
+    def in_force(self, key: str) -> bool:
+        """Whether some value of this key (its latest or an earlier good one) is in force."""
+        parts = key.split("/")
+        if parts[0] == "pools" and len(parts) == 2:
+            return parts[1] in self._pools
+        if parts[0] == "endpoints" and len(parts) == 3:
+            return (parts[1], parts[2]) in self._endpoints
+        if parts[0] == "status" and len(parts) == 3:
+            return (parts[1], parts[2]) in self._statuses
+        return False
+
+    def restore(self, key: str, value: bytes) -> bool:
+        """Put an earlier value of a refused key in force (read from etcd's history after a
+        restart); the latest value stays reported as refused. False if it does not validate."""
+        try:
+            self._apply(key, value)
+        except ConfigError:
+            return False
+        return True
+
     def _try(self, key: str, value: bytes | None) -> Rejection | None:
         try:
             self._apply(key, value)

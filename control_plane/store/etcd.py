@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
 
 from control_plane.state import ConfigState
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/hotpath/"
 HEALTH_INTERVAL_S = 2.0
+# How many earlier values of a refused key a fresh read looks at for a good one.
+HISTORY_STEPS = 10
 
 
 class EtcdSettingsError(ValueError):
@@ -180,8 +183,32 @@ class EtcdFollower:
         for key, value, mod_revision in sorted(items, key=lambda item: item[2]):
             if self.state.raw(key) != value:
                 self._apply(key, value, mod_revision)
+                if not self.state.in_force(key):
+                    await self._recover(client, key, mod_revision)
         self.state.revision = max(self.state.revision, revision)
         return revision
+
+    async def _recover(self, client: Etcd3Client, key: str, mod_revision: int) -> None:
+        """A key refused on a fresh read (a restarted control plane) has no last good value in
+        memory: look for one in etcd's history, back to the last compaction."""
+        assert client.kv is not None
+        revision = mod_revision - 1
+        for _ in range(HISTORY_STEPS):
+            if revision <= 0:
+                return
+            try:
+                reply = await client.kv.get(full_key(self.settings, key), revision=revision,
+                                            timeout=5)
+            except (EtcdError, grpc.aio.AioRpcError):
+                return  # compacted: nothing older to use
+            if not reply.kvs:
+                return  # the key did not exist yet
+            old = reply.kvs[0]
+            if self.state.restore(key, bytes(old.value)):
+                log.warning("%s%s: keeping its last good value, from etcd revision %d",
+                            self.settings.prefix, key, old.mod_revision)
+                return
+            revision = int(old.mod_revision) - 1
 
     async def run(self) -> None:
         backoff = 0.2

@@ -86,3 +86,28 @@ async def _false(value: bool) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_fresh_read_recovers_the_last_good_value_from_history(etcd_server: Etcd,
+                                                                      prefix: str) -> None:
+    """A restarted control plane must not drop a pool whose latest value is bad."""
+    settings = EtcdSettings(urls=etcd_server.url, prefix=prefix)
+    await put(settings, "pools/p", {"models": ["good"]})
+    await put(settings, "pools/p", b'{"models": "not-a-list"}')
+    await put(settings, "pools/p", {"models": ["x"], "typo_field": 1})
+    await put(settings, "endpoints/p/e", {"address": "127.0.0.1", "port": "eighty"})
+    state = ConfigState()
+    follower = EtcdFollower(settings, state, lambda revision: None)
+    async with etcd_client(settings) as client:
+        await follower._relist(client)
+    config = state.config()
+    assert config.pools["p"].models == ("good",)
+    assert set(state.rejected) == {"pools/p", "endpoints/p/e"}
+    assert "p" not in config.endpoints, "an endpoint with no good value ever must stay out"
+
+    # A later good value replaces the recovered one as usual.
+    await put(settings, "pools/p", {"models": ["newer"]})
+    async with etcd_client(settings) as client:
+        await follower._relist(client)
+    assert state.config().pools["p"].models == ("newer",)
+    assert "pools/p" not in state.rejected
