@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -104,14 +103,3 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return bool(200 <= reply.status < 300)
     except (urllib.error.URLError, OSError):
         return False
-
-
-def wait_until(check: object, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``check()`` until true; TimeoutError naming ``what`` otherwise."""
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")

@@ -61,10 +61,6 @@ class Scenario:
         if self.arrival_window_s < 0 or self.system_tokens < 0:
             raise ValueError("arrival_window_s and system_tokens must be >= 0")
 
-    @property
-    def total_turns_bound(self) -> int:
-        return self.sessions * self.max_turns
-
 
 @dataclass(frozen=True)
 class Turn:
