@@ -33,8 +33,8 @@ pytestmark = pytest.mark.integration
 
 MODEL = "m1"
 POOL = "p1"
-COLD_MS = 250.0  # far above a loaded CI machine's 5 ms answers
-SLOW_S = 0.6  # a "slow" server's time to first token: well above COLD_MS
+COLD_MS = 200.0  # far above a loaded CI machine's 5 ms answers
+SLOW_S = 0.3  # a "slow" server's time to first token: above COLD_MS
 
 
 
@@ -267,7 +267,9 @@ async def test_slow_upstream_gets_no_new_sessions_until_it_recovers(
                                                  "b": "HEALTHY"})
             took = marked_at - slow_at
             print(f"\nslow -> out of the ring in {took:.2f} s (interval {interval} s)")
-            assert took <= 2 * interval, f"took {took:.2f} s, more than two intervals"
+            # Two intervals, plus the slow probe's own answer time, which must end before it
+            # can be judged.
+            assert took <= 2 * interval + SLOW_S, f"took {took:.2f} s, more than two intervals"
 
             rows = await asyncio.to_thread(hotpath_status, stack)
             assert rows["c"]["warmth"] == "cold" and rows["c"]["envoy"] == "degraded"
