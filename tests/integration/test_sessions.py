@@ -193,8 +193,9 @@ async def test_sse_chunks_arrive_separately(stack: Stack) -> None:
     assert len(arrivals) == 6
     # Buffering would deliver everything at ~0.4 s; streamed, the first chunk comes early.
     assert arrivals[0] < arrivals[-1] - 0.25, arrivals
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:4], strict=False)]
-    assert all(gap > 0.05 for gap in gaps), arrivals
+    # The upstream paces 4 gaps of 100 ms; a stall on a loaded machine may merge one or two.
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert sum(gap > 0.05 for gap in gaps) >= 3, arrivals
 
 
 async def test_openai_sdk_streaming_and_not_for_two_pools(stack: Stack) -> None:
