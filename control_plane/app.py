@@ -14,6 +14,7 @@ from control_plane.resources.types import SHORT_NAMES
 from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
 from control_plane.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
+from control_plane.tasks import run_together
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,8 @@ class ControlPlane:
         if ready is not None:
             ready.set()
         try:
-            await asyncio.gather(*tasks)
+            await run_together(tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await server.stop(grace=1.0)
             if metrics is not None:
                 await metrics.cleanup()

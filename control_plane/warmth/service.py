@@ -41,6 +41,7 @@ from control_plane.model import (
 )
 from control_plane.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings, delete, etcd_client, put_json
+from control_plane.tasks import run_together
 from control_plane.warmth import state as machine
 from control_plane.warmth.leader import LeaderElection
 from control_plane.warmth.probe import (
@@ -214,11 +215,8 @@ class Prober:
             if ready is not None:
                 ready.set()
             try:
-                await asyncio.gather(*tasks)
+                await run_together(tasks)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 self._on_leader(False)
                 await asyncio.gather(*self._cancelled, return_exceptions=True)
 
