@@ -8,14 +8,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from control_plane.metrics import Family, serve_metrics
-from control_plane.model import Config, GatewaySettings
-from control_plane.resources.types import SHORT_NAMES
-from control_plane.snapshot import InconsistentSnapshot, SnapshotBuilder, translate
-from control_plane.state import ConfigState
+from control_plane.config.model import Config, GatewaySettings
+from control_plane.config.state import ConfigState
+from control_plane.runtime.metrics import Family, serve_metrics
+from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
-from control_plane.tasks import run_together
+from control_plane.translate.resources import translate
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
+from control_plane.xds.snapshot import InconsistentSnapshot, SnapshotBuilder
+from control_plane.xds.types import SHORT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
-from control_plane import processes
-from control_plane.bootstrap import BootstrapSettings, XdsClientTls, render_bootstrap
+from control_plane.runtime import processes
+from control_plane.runtime.bootstrap import BootstrapSettings, XdsClientTls, render_bootstrap
+from control_plane.runtime.envoy_admin import parse_clusters
 from control_plane.store.etcd import EtcdSettings, etcd_client, put_json
 from control_plane.store.etcd import delete as etcd_delete
 
@@ -34,20 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def start(command: list[str], log: Path, env: dict[str, str] | None = None
           ) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+    """A child that dies with the test process, even a SIGKILLed pytest."""
+    return processes.spawn(command, log, env=env, cwd=REPO)
 
 
 def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    processes.terminate(process, timeout, sig)
 
 
 def wait_for(check: Callable[[], T], timeout: float = 30, what: str = "condition",
@@ -196,16 +189,9 @@ class EnvoyProcess:
         return found
 
     def hosts(self, cluster: str) -> dict[str, str]:
-        """hostname -> health as Envoy sees it for one cluster."""
-        data = self.get("/clusters?format=json")
-        result = {}
-        for status in data.get("cluster_statuses", []):
-            if status["name"] != cluster:
-                continue
-            for host in status.get("host_statuses", []):
-                flags = host.get("health_status", {})
-                result[host.get("hostname", "")] = flags.get("eds_health_status", "HEALTHY")
-        return result
+        """hostname -> health (healthy, degraded, unhealthy, ejected) as Envoy sees it."""
+        return {h.hostname: h.health for h in parse_clusters(self.get("/clusters?format=json"))
+                if h.cluster == cluster}
 
     def listener_ready(self, port: int) -> bool:
         return processes.port_open("127.0.0.1", port)

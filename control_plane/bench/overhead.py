@@ -30,10 +30,11 @@ from pathlib import Path
 
 import aiohttp
 
-from control_plane import processes
-from control_plane.bench.procs import BenchError, ProcessGroup
 from control_plane.bench.report import OverheadReport, percentile
 from control_plane.bench.strategies import Backend
+from control_plane.errors import BenchError
+from control_plane.runtime import processes
+from control_plane.runtime.supervisor import ProcessGroup
 
 STATIC_PORTS = 3
 SESSION_KEYS = 10_000

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import aiohttp
 
-from control_plane import processes
-from control_plane.bench.procs import BenchError, ProcessGroup
 from control_plane.bench.strategies import Backend
+from control_plane.errors import BenchError
+from control_plane.runtime import processes
+from control_plane.runtime.supervisor import ProcessGroup
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 from control_plane.bench import overhead as ov
 from control_plane.bench.peers import PEER_BY_NAME, PEERS, find_peer, start_peer
-from control_plane.bench.procs import BenchError, ProcessGroup
 from control_plane.bench.replay import ReplaySettings, Route, TurnResult, replay
 from control_plane.bench.report import (
     OverheadReport,
@@ -51,7 +50,8 @@ from control_plane.bench.strategies import (
     start_sims,
 )
 from control_plane.bench.workload import Scenario, Workload, balanced_assignment, generate
-from control_plane.processes import MissingBinary
+from control_plane.errors import BenchError, UsageError
+from control_plane.runtime.supervisor import ProcessGroup
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import DEFAULT_MODEL
 
@@ -344,7 +344,7 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    group = ProcessGroup(workdir)
+    group = ProcessGroup(workdir, error=BenchError)
     progress = Progress(workload.turn_count * len(cfg.strategies),
                         progress_out or sys.stderr, enabled=progress_out is not None)
     runner = Runner(cfg, group, progress)
@@ -467,10 +467,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 async def run_bench_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
-        report = await run_bench(cfg)
-    except (BenchError, ValueError, MissingBinary) as exc:
-        print(f"hotpath bench: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    report = await run_bench(cfg)
     print(format_report(report))
     json_path = cfg.out_dir / "bench.json"
     write_json(report, json_path)

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import re
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from control_plane import processes
-from control_plane.bench.procs import BenchError, ProcessGroup
 from control_plane.bench.report import ServerCounters
-from control_plane.bootstrap import BootstrapSettings, render_bootstrap
+from control_plane.errors import BenchError
+from control_plane.runtime import processes
+from control_plane.runtime.bootstrap import BootstrapSettings, render_bootstrap
+from control_plane.runtime.envoy_admin import get_json, parse_clusters
+from control_plane.runtime.supervisor import ProcessGroup
 from control_plane.sim.model import SimParams
 from control_plane.store.etcd import EtcdSettings, delete, etcd_client, put_json
 
@@ -150,11 +150,6 @@ async def prime(backends: Sequence[Backend], model: str, system_prompt: str,
 # -- the hotpath stack -------------------------------------------------------------------------
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return json.load(reply)
-
-
 class HotpathStack:
     """etcd (embedded unless one is given), the control plane and one Envoy, on free ports."""
 
@@ -250,16 +245,11 @@ class HotpathStack:
                    "ring_hash": "RING_HASH", "maglev": "MAGLEV"}[value.get("lb", "ring_hash")]
 
         def converged() -> bool:
-            hosts: set[tuple[str, int]] = set()
-            for status in _get_json(f"{self.admin_url}/clusters?format=json").get(
-                    "cluster_statuses", []):
-                if status["name"] == pool:
-                    hosts = {(h.get("hostname", ""),
-                              int(h["address"]["socket_address"]["port_value"]))
-                             for h in status.get("host_statuses", [])}
+            hosts = {(h.hostname, h.port) for h in parse_clusters(
+                get_json(f"{self.admin_url}/clusters?format=json")) if h.cluster == pool}
             if hosts != want:
                 return False
-            dump = _get_json(f"{self.admin_url}/config_dump?resource=dynamic_active_clusters")
+            dump = get_json(f"{self.admin_url}/config_dump?resource=dynamic_active_clusters")
             for item in dump.get("configs", []):
                 cluster = item.get("cluster", {})
                 if cluster.get("name") == pool:

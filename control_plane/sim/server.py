@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from control_plane.errors import UsageError
 from control_plane.sim.model import Plan, SimParams, SimServer, chat_tokens, tokenize
 
 SERVER_HEADER = "x-sim-server"
@@ -535,14 +536,17 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace) -> SimParams:
-    """Raises ValueError naming the bad parameter."""
-    return SimParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimParams)})
+    """Raises UsageError naming the bad parameter."""
+    try:
+        return SimParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimParams)})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
     """Serve until cancelled, then shut every server down."""
     if args.count < 1:
-        raise ValueError(f"--count must be >= 1, got {args.count}")
+        raise UsageError(f"--count must be >= 1, got {args.count}")
     models = tuple(args.model or [DEFAULT_MODEL])
     handles = await run_sims(
         params_from_args(args), args.count, args.host, args.port, args.name, models

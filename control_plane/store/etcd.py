@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
 
-from control_plane.state import ConfigState
+from control_plane.config.state import ConfigState
+from control_plane.errors import EtcdSettingsError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ DEFAULT_PREFIX = "/hotpath/"
 HEALTH_INTERVAL_S = 2.0
 # How many earlier values of a refused key a fresh read looks at for a good one.
 HISTORY_STEPS = 10
-
-
-class EtcdSettingsError(ValueError):
-    """The etcd URL or TLS/auth options cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,21 @@ class EtcdSettings:
     @property
     def tls(self) -> bool:
         return self.ca_file is not None or self.urls.startswith("https://")
+
+
+def child_etcd_args(settings: EtcdSettings) -> list[str]:
+    """The `hotpath` flags that make a child process use the same etcd (password: env)."""
+    args = ["--etcd", settings.urls, "--prefix", settings.prefix]
+    for flag, value in (("--etcd-ca", settings.ca_file), ("--etcd-cert", settings.cert_file),
+                        ("--etcd-key", settings.key_file), ("--etcd-user", settings.user)):
+        if value is not None:
+            args += [flag, value]
+    return args
+
+
+def child_etcd_env(settings: EtcdSettings) -> dict[str, str]:
+    """The password travels in the environment, never on a command line others can read."""
+    return {} if settings.password is None else {"HOTPATH_ETCD_PASSWORD": settings.password}
 
 
 def _resolve(host: str) -> str:

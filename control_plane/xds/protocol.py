@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from control_plane.resources import types
-from control_plane.snapshot import Snapshot
+from control_plane.xds import types
+from control_plane.xds.snapshot import Snapshot
 
 # After a response of the key type, the next request of the value type is answered.
 _RESEND_AFTER = {types.CLUSTER: types.ENDPOINT, types.LISTENER: types.ROUTE}

@@ -13,9 +13,9 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from control_plane.resources.types import SHORT_NAMES
-from control_plane.snapshot import Snapshot
 from control_plane.xds.protocol import AdsStream, Request, Response
+from control_plane.xds.snapshot import Snapshot
+from control_plane.xds.types import SHORT_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,7 @@ from tests.harness import REPO, Etcd, Stack, Upstreams, chat, wait_for
 
 pytestmark = pytest.mark.integration
 
-# `hotpath apply` / `hotpath export` until the CLI wires them in: the same parsers.
-HOTPATH = [sys.executable, "-c",
-           "import sys; from control_plane.config_file import main; sys.exit(main(sys.argv[1:]))"]
+HOTPATH = [sys.executable, "-m", "control_plane"]
 
 CONFIG: dict[str, Any] = {
     "pools": {
@@ -148,7 +146,7 @@ async def test_a_model_belongs_to_one_pool_in_the_file_and_in_etcd(
                                                       "b": {"models": ["m"]}}})
     result = await apply(etcd, twice)
     assert result.returncode == 2
-    assert "pools/b: model 'm' is also in pool 'a'" in result.stderr
+    assert "pools/b: model 'm' already belongs to pool 'a'" in result.stderr
 
     async with etcd_client(etcd) as client:
         await put_json(client, etcd, "pools/other", {"models": ["m"]})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control_plane.state import ConfigState
+from control_plane.config.state import ConfigState
 from control_plane.store.etcd import EtcdFollower, EtcdSettings, etcd_client, put_json
 from tests.harness import Etcd, async_wait_for, new_etcd
 

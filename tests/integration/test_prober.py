@@ -24,7 +24,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from control_plane import processes
+from control_plane.runtime import processes
+from control_plane.runtime.envoy_admin import parse_clusters
 from control_plane.store.etcd import etcd_client, list_prefix
 from tests import harness
 from tests.harness import Stack, async_wait_for, wait_for
@@ -183,15 +184,10 @@ async def setup_pool(stack: Stack, models: dict[str, ModelServer], interval: flo
 
 
 def envoy_view(stack: Stack) -> dict[str, tuple[str, int]]:
-    """hostname -> (EDS health, weight) as Envoy has them."""
-    data = stack.envoy.get("/clusters?format=json")
-    view = {}
-    for cluster in data.get("cluster_statuses", []):
-        if cluster["name"] == POOL:
-            for host in cluster.get("host_statuses", []):
-                health = host.get("health_status", {}).get("eds_health_status", "HEALTHY")
-                view[host["hostname"]] = (health, int(host.get("weight", 1)))
-    return view
+    """hostname -> (health, weight) as Envoy has them."""
+    return {h.hostname: (h.health, h.weight)
+            for h in parse_clusters(stack.envoy.get("/clusters?format=json"))
+            if h.cluster == POOL}
 
 
 async def statuses(stack: Stack) -> dict[str, dict[str, Any]]:
@@ -263,8 +259,8 @@ async def test_slow_upstream_gets_no_new_sessions_until_it_recovers(
 
             models["c"].delay = SLOW_S
             slow_at = time.monotonic()
-            marked_at = await wait_envoy(stack, {"c": "DEGRADED", "a": "HEALTHY",
-                                                 "b": "HEALTHY"})
+            marked_at = await wait_envoy(stack, {"c": "degraded", "a": "healthy",
+                                                 "b": "healthy"})
             took = marked_at - slow_at
             print(f"\nslow -> out of the ring in {took:.2f} s (interval {interval} s)")
             # Two intervals, plus the slow probe's own answer time, which must end before it
@@ -288,7 +284,7 @@ async def test_slow_upstream_gets_no_new_sessions_until_it_recovers(
             await asyncio.sleep(interval)  # quiet again, so c is probed
             models["c"].delay = 0.005
             fixed_at = time.monotonic()
-            back_at = await wait_envoy(stack, {"c": "HEALTHY"})
+            back_at = await wait_envoy(stack, {"c": "healthy"})
             print(f"recovered -> back in the ring in {back_at - fixed_at:.2f} s")
             rows = await asyncio.to_thread(hotpath_status, stack)
             assert rows["c"]["warmth"] == "warm"
@@ -333,7 +329,7 @@ async def test_killed_upstream_gets_no_traffic_once_marked_and_nothing_fails(
                 await asyncio.sleep(1.0)
                 killed_at = time.monotonic()
                 await models["c"].kill()
-                marked_at = await wait_envoy(stack, {"c": "UNHEALTHY"})
+                marked_at = await wait_envoy(stack, {"c": "unhealthy"})
                 await asyncio.sleep(1.5)
             finally:
                 stop.set()
@@ -431,7 +427,7 @@ async def test_two_of_three_cold_spill_within_bounds_and_all_cold_still_serves(
         models["b"].delay = models["c"].delay = SLOW_S
         await wait_states(stack, {"b": "cold", "c": "cold"})
         await asyncio.to_thread(wait_for, lambda: envoy_view(stack) == {
-            "a": ("HEALTHY", 16), "b": ("HEALTHY", 8), "c": ("HEALTHY", 8)}, 20,
+            "a": ("healthy", 16), "b": ("healthy", 8), "c": ("healthy", 8)}, 20,
             "the spill weights")
         async with aiohttp.ClientSession() as session:
             new = await mapping(session, stack, [f"n{i}" for i in range(60)], parallel=10)
@@ -459,7 +455,7 @@ async def test_two_of_three_cold_spill_within_bounds_and_all_cold_still_serves(
             models["a"].delay = SLOW_S
             await wait_states(stack, {"a": "cold", "b": "cold", "c": "cold"})
             await asyncio.to_thread(wait_for, lambda: envoy_view(stack) == {
-                "a": ("HEALTHY", 1), "b": ("HEALTHY", 1), "c": ("HEALTHY", 1)}, 20,
+                "a": ("healthy", 1), "b": ("healthy", 1), "c": ("healthy", 1)}, 20,
                 "all cold: plain weights")
             cold = await mapping(session, stack, [f"n{i}" for i in range(60)], parallel=10)
             share = {h: sum(1 for v in cold.values() if v == h) / len(cold) for h in models}
@@ -529,5 +525,5 @@ async def test_idle_hosts_beyond_min_warm_are_let_go_cold(
         assert prober.metric("hotpath_prober_probes_skipped_total", reason="released") >= 4
         # One warm host of three cannot carry the pool: the released ones take the spill.
         view = envoy_view(stack)
-        assert view[kept] == ("HEALTHY", 16)
-        assert all(view[n] == ("HEALTHY", 8) for n in released), view
+        assert view[kept] == ("healthy", 16)
+        assert all(view[n] == ("healthy", 8) for n in released), view

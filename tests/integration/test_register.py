@@ -17,17 +17,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from control_plane import processes
-from control_plane.cli import _add_etcd_options
-from control_plane.register import add_register_arguments, registration_from_args
+from control_plane.cli.main import build_parser
+from control_plane.runtime import processes
+from control_plane.runtime.register import registration_from_args
 from control_plane.store.etcd import EtcdSettings, etcd_client
 from tests.harness import REPO, Etcd, Stack, Upstreams, async_wait_for, chat, stop, wait_for
 
 integration = pytest.mark.integration
 
-# `hotpath register` until the CLI wires it in: the same parser and entry point.
-REGISTER = [sys.executable, "-c",
-            "import sys; from control_plane.register import main; sys.exit(main(sys.argv[1:]))"]
+REGISTER = [sys.executable, "-m", "control_plane", "register"]
 
 
 def start_register(tmp: Path, etcd: EtcdSettings, *args: str,
@@ -60,27 +58,20 @@ def settings(etcd_server: Etcd, prefix: str) -> EtcdSettings:
 # -- arguments -----------------------------------------------------------------------------
 
 
-def parse(argv: list[str], as_subcommand: bool) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="hotpath")
-    target = parser
-    if as_subcommand:  # as the CLI will wire it: `hotpath register ...`
-        target = parser.add_subparsers(dest="command_name").add_parser("register")
-        argv = ["register", *argv]
-    _add_etcd_options(target)
-    add_register_arguments(target)
-    return parser.parse_args(argv)
+def parse(argv: list[str]) -> argparse.Namespace:
+    argv = ["register", *argv]
+    return build_parser(argv).parse_args(argv)
 
 
-@pytest.mark.parametrize("as_subcommand", [False, True])
-def test_options_and_the_wrapped_command_are_parsed_apart(as_subcommand: bool) -> None:
+def test_options_and_the_wrapped_command_are_parsed_apart() -> None:
     argv = ["sim", "sim-0", "--address", "sim-0", "--port", "8000", "--ttl", "3", "--",
             "vllm", "serve", "m", "--port", "8000", "--", "x"]
-    registration = registration_from_args(parse(argv, as_subcommand))
+    registration = registration_from_args(parse(argv))
     assert registration.key == "endpoints/sim/sim-0"
     assert registration.value == {"address": "sim-0", "port": 8000}
     assert registration.ttl == 3
     assert registration.command == ("vllm", "serve", "m", "--port", "8000", "--", "x")
-    sidecar = registration_from_args(parse(argv[:8], as_subcommand))
+    sidecar = registration_from_args(parse(argv[:8]))
     assert sidecar.command == ()
 
 
@@ -105,7 +96,7 @@ async def test_registered_endpoint_serves_and_sigkill_expires_it_within_the_ttl(
                              "--port", str(port), "--ttl", str(ttl))
     try:
         await stack.wait_listener()
-        await asyncio.to_thread(wait_for, lambda: stack.envoy.hosts("p1") == {"u1": "HEALTHY"},
+        await asyncio.to_thread(wait_for, lambda: stack.envoy.hosts("p1") == {"u1": "healthy"},
                                 30, "the registered endpoint in Envoy")
         async with aiohttp.ClientSession() as session:
             status, _, body = await chat(session, stack.url, "m1")
@@ -190,7 +181,7 @@ async def test_wrapped_simulator_joins_envoy_once_healthy_and_leaves_on_sigterm(
         "sim-model", "--time-scale", "0.01")
     try:
         await stack.wait_listener()
-        await asyncio.to_thread(wait_for, lambda: stack.envoy.hosts("sim") == {"s0": "HEALTHY"},
+        await asyncio.to_thread(wait_for, lambda: stack.envoy.hosts("sim") == {"s0": "healthy"},
                                 30, "the simulator in Envoy")
         async with aiohttp.ClientSession() as session:
             status, _, body = await chat(session, stack.url, "sim-model")

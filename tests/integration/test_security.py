@@ -11,10 +11,10 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from control_plane import processes
-from control_plane.bootstrap import XdsClientTls
-from control_plane.resources import types
+from control_plane.runtime import processes
+from control_plane.runtime.bootstrap import XdsClientTls
 from control_plane.store.etcd import EtcdSettings
+from control_plane.xds import types
 from tests.certs import CertificateAuthority
 from tests.harness import REPO, Etcd, Upstreams, make_stack, wait_for
 
@@ -82,7 +82,7 @@ async def test_etcd_tls_and_auth_and_xds_mtls_end_to_end(tmp_path: Path,
                                        "--etcd-ca", str(pki.path), "--etcd-cert",
                                        str(client.cert), "--etcd-key", str(client.key)],
                 capture_output=True, text=True, timeout=60, cwd=REPO)
-            assert result.returncode == 1 and "etcd" in result.stderr, result.stderr
+            assert result.returncode == 3 and "etcd" in result.stderr, result.stderr
 
             # An xDS client without a certificate is refused.
             credentials = grpc.ssl_channel_credentials(root_certificates=pki.path.read_bytes())

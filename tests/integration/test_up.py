@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from control_plane import processes
+from control_plane.runtime import processes
 from tests.harness import REPO, wait_for
 
 pytestmark = pytest.mark.integration

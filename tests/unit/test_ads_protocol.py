@@ -18,9 +18,9 @@ from envoy.config.route.v3 import route_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from control_plane.resources import types
-from control_plane.snapshot import Snapshot
+from control_plane.xds import types
 from control_plane.xds.protocol import AdsStream, Nack, Request, Response
+from control_plane.xds.snapshot import Snapshot
 
 CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
 

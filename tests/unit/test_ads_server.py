@@ -14,10 +14,10 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from control_plane.resources import types
-from control_plane.snapshot import Snapshot
+from control_plane.xds import types
 from control_plane.xds.protocol import Request, Response
 from control_plane.xds.server import AdsServicer, start_xds_server, to_message, to_request
+from control_plane.xds.snapshot import Snapshot
 
 CDS, EDS = types.CLUSTER, types.ENDPOINT
 TIMEOUT = 5.0

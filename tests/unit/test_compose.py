@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from control_plane import processes
-from control_plane.bootstrap import COMPOSE, render_bootstrap
-from control_plane.cli import _add_etcd_options, build_parser
-from control_plane.register import add_register_arguments, registration_from_args
+from control_plane.cli.main import COMMANDS, build_parser
+from control_plane.runtime import processes
+from control_plane.runtime.bootstrap import COMPOSE, render_bootstrap
+from control_plane.runtime.register import registration_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -69,12 +69,9 @@ def is_one_shot(name: str) -> bool:
 
 
 def register_args(name: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"{name} command", exit_on_error=False)
-    _add_etcd_options(parser)
-    add_register_arguments(parser)
     argv = command(name)
     assert argv[0] == "register"
-    return parser.parse_args(argv[1:])
+    return build_parser(argv).parse_args(argv)
 
 
 def pools_created() -> dict[str, tuple[str, list[str]]]:
@@ -159,9 +156,7 @@ def test_prober_reads_envoys_admin() -> None:
 
 
 def cli_subcommands() -> set[str]:
-    parser = build_parser()
-    return {name for action in parser._actions
-            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+    return set(COMMANDS)
 
 
 @pytest.mark.parametrize("name", [n for n, s in SERVICES.items() if s.get("build")])
@@ -169,7 +164,7 @@ def test_hotpath_commands_parse_with_the_cli(name: str) -> None:
     argv = command(name)
     if argv[0] not in cli_subcommands():
         pytest.skip(f"`hotpath {argv[0]}` is not in the CLI yet")
-    build_parser().parse_args(argv)
+    build_parser(argv).parse_args(argv)
 
 
 @pytest.mark.parametrize("name", [n for n in SERVICES if command(n)[:1] == ["register"]])
@@ -181,7 +176,7 @@ def test_registrations_validate_and_point_at_the_server(name: str) -> None:
         assert args.address == name
         server_argv = list(registration.command)
         if server_argv[0] == "hotpath":
-            build_parser().parse_args(server_argv[1:])
+            build_parser(server_argv[1:]).parse_args(server_argv[1:])
         models = [server_argv[i + 1] for i, p in enumerate(server_argv) if p == "--model"]
     else:  # sidecar: the server is another service
         server_argv = command(args.address)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lupa import luajit21
 
-from control_plane.resources.lua_filter import lua_asset, lua_literal
+from control_plane.translate.lua import lua_asset, lua_literal
 
 CHAT, COMPLETIONS = b"/v1/chat/completions", b"/v1/completions"
 

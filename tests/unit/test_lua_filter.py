@@ -1,4 +1,4 @@
-"""The rendered inline Lua (control_plane.resources.lua_filter) under LuaJIT with a fake handle.
+"""The rendered inline Lua (control_plane.translate.lua) under LuaJIT with a fake handle.
 
 The fake follows the Envoy 1.40 behaviour the filter depends on: header objects die when
 body() yields, body() is nil without a body, dynamic metadata is shared with the response,
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from lupa import luajit21
 
-from control_plane.resources.lua_filter import lua_asset, lua_literal, render_lua_source
+from control_plane.translate.lua import lua_asset, lua_literal, render_lua_source
 
 # The route metadata the control plane puts on each model's route.
 ROUTES = {

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lupa import luajit21
 
-from control_plane.resources.lua_filter import lua_asset
+from control_plane.translate.lua import lua_asset
 
 WANTED = ("model", "prompt_cache_key", "user", "messages", "prompt")
 

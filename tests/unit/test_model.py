@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control_plane.model import (
+from control_plane.config.model import (
     NAME_RE,
-    ConfigError,
     Endpoint,
     Pool,
     Status,
@@ -25,6 +24,7 @@ from control_plane.model import (
     pool_to_json,
     status_to_json,
 )
+from control_plane.errors import ConfigError
 
 POOL_KEY = "pools/chat"
 EP_KEY = "endpoints/chat/gpu-0"

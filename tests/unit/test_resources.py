@@ -27,17 +27,17 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from control_plane.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
-from control_plane.resources.clusters import MAX_RING_SIZE, RING_POINTS_PER_WEIGHT, build_cluster
-from control_plane.resources.endpoints import build_load_assignment
-from control_plane.resources.listeners import build_listener
-from control_plane.resources.lua_filter import render_lua_source
-from control_plane.resources.routes import (
+from control_plane.config.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
+from control_plane.translate.clusters import MAX_RING_SIZE, RING_POINTS_PER_WEIGHT
+from control_plane.translate.listeners import build_listener
+from control_plane.translate.lua import render_lua_source
+from control_plane.translate.routes import (
     MODEL_HEADER,
     SESSION_HEADER,
     build_route_configuration,
 )
-from control_plane.resources.types import LISTENER_NAME, ROUTE_CONFIG_NAME
+from control_plane.xds.types import LISTENER_NAME, ROUTE_CONFIG_NAME
+from tests.unit.builders import build_cluster, build_load_assignment
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -13,15 +13,15 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from google.protobuf.message import Message
 
-from control_plane.model import Config, Endpoint, GatewaySettings, Pool, Status, WarmState
-from control_plane.resources import types
-from control_plane.snapshot import (
+from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool, Status, WarmState
+from control_plane.translate.resources import translate
+from control_plane.xds import types
+from control_plane.xds.snapshot import (
     InconsistentSnapshot,
     Snapshot,
     SnapshotBuilder,
     check_consistent,
     content_hash,
-    translate,
 )
 
 NOW = 1_700_000_000.0

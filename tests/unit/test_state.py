@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from control_plane.model import Config, Endpoint, Pool, Status, WarmState
-from control_plane.state import ConfigState, Rejection
+from control_plane.config.model import Config, Endpoint, Pool, Status, WarmState
+from control_plane.config.state import ConfigState, Rejection
 
 
 def raw(value: Any) -> bytes:

@@ -6,22 +6,17 @@ import argparse
 
 import pytest
 
-from control_plane.cli import _add_etcd_options
-from control_plane.model import DEFAULT_SYSTEM_PROMPT
-from control_plane.warmth.service import (
-    DEFAULT_IDLE_HORIZON_S,
-    DEFAULT_METRICS,
-    add_prober_arguments,
-    settings_from_args,
-)
-from control_plane.warmth.state import Thresholds
+from control_plane.cli.main import build_parser
+from control_plane.cli.serve import prober_settings as settings_from_args
+from control_plane.config.model import DEFAULT_SYSTEM_PROMPT
+from control_plane.errors import UsageError
+from control_plane.prober.service import DEFAULT_IDLE_HORIZON_S, DEFAULT_METRICS
+from control_plane.prober.state import Thresholds
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    _add_etcd_options(parser)
-    add_prober_arguments(parser)
-    return parser.parse_args(list(argv))
+    args = ["prober", *argv]
+    return build_parser(args).parse_args(args)
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,10 +64,10 @@ def test_metrics_off() -> None:
     ["--idle-horizon", "0"], ["--idle-horizon", "-5"],
 ])
 def test_bad_values_are_refused(argv: list[str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         parse(*argv)
 
 
 def test_bad_thresholds_are_refused() -> None:
-    with pytest.raises(ValueError, match="rise and fall"):
+    with pytest.raises(UsageError, match="--rise: must be >= 1"):
         settings_from_args(parse("--rise", "0"))

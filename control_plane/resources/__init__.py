@@ -1,1 +1,0 @@
-"""Pure builders: validated config in, xds-protos messages out."""

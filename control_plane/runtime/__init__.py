@@ -1,0 +1,1 @@
+"""Runtime: processes, supervision, signals, metrics, Envoy admin, bootstrap, assets."""

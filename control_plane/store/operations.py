@@ -1,0 +1,63 @@
+"""Operator actions on etcd: read the whole config, put pools and endpoints, remove keys.
+
+Values are validated exactly as the control plane validates them before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from control_plane.config.model import (
+    Endpoint,
+    Pool,
+    check_models_free,
+    endpoint_to_json,
+    parse_endpoint,
+    parse_pool,
+    pool_to_json,
+)
+from control_plane.config.state import ConfigState
+from control_plane.store.etcd import EtcdSettings, delete, etcd_client, list_prefix, put_json
+
+
+async def read_state(settings: EtcdSettings) -> ConfigState:
+    state = ConfigState()
+    async with etcd_client(settings) as client:
+        revision, items = await list_prefix(client, settings)
+    for key, value, mod_revision in sorted(items, key=lambda item: item[2]):
+        state.apply(key, value, mod_revision)
+    state.revision = revision
+    return state
+
+
+async def put_pool(settings: EtcdSettings, name: str, value: dict[str, Any]) -> Pool:
+    """Validate like the control plane would, including model ownership, then write."""
+    key = f"pools/{name}"
+    pool = parse_pool(key, name, json.dumps(value))
+    state = await read_state(settings)
+    check_models_free(key, pool, state.config().pools.values())
+    async with etcd_client(settings) as client:
+        await put_json(client, settings, key, pool_to_json(pool))
+    return pool
+
+
+async def put_endpoint(settings: EtcdSettings, pool: str, endpoint_id: str,
+                       value: dict[str, Any]) -> Endpoint:
+    key = f"endpoints/{pool}/{endpoint_id}"
+    endpoint = parse_endpoint(key, pool, endpoint_id, json.dumps(value))
+    async with etcd_client(settings) as client:
+        await put_json(client, settings, key, endpoint_to_json(endpoint))
+    return endpoint
+
+
+async def remove(settings: EtcdSettings, keys: Sequence[tuple[str, bool]]) -> int:
+    """Delete (key, is_prefix) pairs; returns how many keys went."""
+    removed = 0
+    async with etcd_client(settings) as client:
+        for key, prefix in keys:
+            removed += await delete(client, settings, key, prefix=prefix)
+    return removed
+
+

@@ -1,0 +1,1 @@
+"""Translate: the config model into Envoy resources (pure builders)."""

@@ -1,0 +1,93 @@
+"""Cluster per pool: EDS over ADS, consistent hashing with bounded load, GPU-pool defaults."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.type.v3 import percent_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from control_plane.config.model import Pool
+from control_plane.translate.warmth import RING_POINTS_PER_WEIGHT, Route, ring_size
+
+# Ring points per unit of endpoint weight (RING_POINTS_PER_WEIGHT, 1024). The ring's minimum
+# size is the sum of the points of the hosts in the ring (warmth/routing.py), so every host
+# keeps the same points when another host joins, leaves or changes warmth, and only the
+# sessions of that host move.
+MAX_RING_SIZE = 8 * 1024 * 1024
+
+_LB = {
+    "ring_hash": cluster_pb2.Cluster.RING_HASH,
+    "maglev": cluster_pb2.Cluster.MAGLEV,
+    "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
+    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
+}
+
+
+def _seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(round(value * 1000))
+    return duration
+
+
+def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluster:
+    """The cluster of one pool. ``routes`` (translate/warmth.py ``pool_routes`` of the
+    endpoints in EDS) size the ring so that only a changed host's sessions move."""
+    cluster = cluster_pb2.Cluster(
+        name=pool.name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+        ),
+        connect_timeout=_seconds(2),
+        lb_policy=_LB[pool.lb],
+        # Request bodies may be as large as the gateway's body limit.
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=32 * 1024 * 1024),
+    )
+    common = cluster.common_lb_config
+    # 2-3 host GPU pools: the default 50% panic threshold would send traffic to a dead host as
+    # soon as one of two is down. Disabled: unhealthy hosts never get traffic.
+    common.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
+    if pool.lb in ("ring_hash", "maglev"):
+        if pool.hash_balance_factor:
+            common.consistent_hashing_lb_config.hash_balance_factor.value = (
+                pool.hash_balance_factor
+            )
+    if pool.lb == "ring_hash":
+        ring = min(MAX_RING_SIZE, max(RING_POINTS_PER_WEIGHT, ring_size(routes)))
+        cluster.ring_hash_lb_config.minimum_ring_size.value = ring
+        cluster.ring_hash_lb_config.maximum_ring_size.value = MAX_RING_SIZE
+        cluster.ring_hash_lb_config.hash_function = (
+            cluster_pb2.Cluster.RingHashLbConfig.XX_HASH
+        )
+    cluster.outlier_detection.CopyFrom(
+        outlier_detection_pb2.OutlierDetection(
+            consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+            interval=_seconds(5),
+            base_ejection_time=_seconds(15),
+            # The 10% default never ejects anything in a 3-host pool; at most half may go.
+            max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+        )
+    )
+    # LLM requests are long-lived streams: the 1024 defaults would queue real traffic.
+    cluster.circuit_breakers.CopyFrom(
+        circuit_breaker_pb2.CircuitBreakers(
+            thresholds=[
+                circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                    priority=base_pb2.DEFAULT,
+                    max_connections=wrappers_pb2.UInt32Value(value=100_000),
+                    max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
+                    max_requests=wrappers_pb2.UInt32Value(value=100_000),
+                    max_retries=wrappers_pb2.UInt32Value(value=64),
+                )
+            ]
+        )
+    )
+    return cluster

@@ -1,0 +1,190 @@
+"""The `hotpath` listener: HTTP connection manager, Lua filter, router, OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    substitution_format_string_pb2,
+)
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from control_plane.config.model import GatewaySettings
+from control_plane.translate.lua import render_lua_source
+from control_plane.xds.types import LISTENER_NAME, ROUTE_CONFIG_NAME
+
+# Set by the Lua filter on requests it answers itself: its replies are already
+# OpenAI-shaped JSON and must not be wrapped again.
+LUA_REPLY_HEADER = "x-hotpath-lua-reply"
+
+ACCESS_LOG_FORMAT = {
+    "start": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "model": "%REQ(X-HOTPATH-MODEL)%",
+    "session": "%REQ(X-HOTPATH-SESSION)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "upstream": "%UPSTREAM_HOST%",
+    "cluster": "%UPSTREAM_CLUSTER%",
+    "duration_ms": "%DURATION%",
+    "ttfb_ms": "%RESPONSE_DURATION%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+}
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _error_mapper(status: int, message: str, error_type: str, code: str
+                  ) -> hcm_pb2.ResponseMapper:
+    body = struct_pb2.Struct()
+    body.update({"error": {"message": message, "type": error_type, "code": code}})
+    return hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(
+            and_filter=accesslog_pb2.AndFilter(
+                filters=[
+                    accesslog_pb2.AccessLogFilter(
+                        status_code_filter=accesslog_pb2.StatusCodeFilter(
+                            comparison=accesslog_pb2.ComparisonFilter(
+                                op=accesslog_pb2.ComparisonFilter.EQ,
+                                value=base_pb2.RuntimeUInt32(default_value=status,
+                                                             runtime_key="hotpath.none"),
+                            )
+                        )
+                    ),
+                    accesslog_pb2.AccessLogFilter(
+                        header_filter=accesslog_pb2.HeaderFilter(
+                            header=route_components_pb2.HeaderMatcher(
+                                name=LUA_REPLY_HEADER, present_match=True, invert_match=True
+                            )
+                        )
+                    ),
+                ]
+            )
+        ),
+        body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=body
+        ),
+    )
+
+
+def local_reply_config(settings: GatewaySettings) -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own replies, rewritten as OpenAI-shaped JSON errors (contract's error table)."""
+    mib = settings.max_body_bytes / (1024 * 1024)
+    mappers = [
+        _error_mapper(400, "bad request: %LOCAL_REPLY_BODY%", "invalid_request_error",
+                      "bad_request"),
+        _error_mapper(404, "%LOCAL_REPLY_BODY%", "invalid_request_error", "not_found"),
+        _error_mapper(
+            413,
+            f"request body exceeds the limit of {settings.max_body_bytes} bytes ({mib:g} MiB)",
+            "invalid_request_error",
+            "request_too_large",
+        ),
+        _error_mapper(431, "request headers too large", "invalid_request_error",
+                      "headers_too_large"),
+        _error_mapper(
+            503,
+            "no endpoint of the pool serving %REQ(X-HOTPATH-MODEL)% is available "
+            "(%LOCAL_REPLY_BODY%)",
+            "server_error",
+            "no_healthy_upstream",
+        ),
+        _error_mapper(504, "upstream timeout (%LOCAL_REPLY_BODY%)", "server_error",
+                      "upstream_timeout"),
+        _error_mapper(502, "bad gateway (%LOCAL_REPLY_BODY%)", "server_error", "bad_gateway"),
+        _error_mapper(500, "internal error (%LOCAL_REPLY_BODY%)", "server_error",
+                      "internal_error"),
+    ]
+    return hcm_pb2.LocalReplyConfig(mappers=mappers)
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(round(seconds * 1000))
+    return duration
+
+
+def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
+    """Depends on gateway settings only: pool changes never replace the listener (which would
+    drain every open connection, cutting long generations)."""
+    lua = lua_pb2.Lua(
+        default_source_code=base_pb2.DataSource(
+            inline_string=render_lua_source(settings.max_body_bytes)
+        )
+    )
+    access_log_format = struct_pb2.Struct()
+    access_log_format.update(ACCESS_LOG_FORMAT)
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="hotpath",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(
+            route_config_name=ROUTE_CONFIG_NAME,
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+        ),
+        http_filters=[
+            hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=_any(lua)),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router",
+                               typed_config=_any(router_pb2.Router())),
+        ],
+        access_log=[
+            accesslog_pb2.AccessLog(
+                name="envoy.access_loggers.file",
+                typed_config=_any(
+                    file_pb2.FileAccessLog(
+                        path=settings.access_log_path,
+                        log_format=substitution_format_string_pb2.SubstitutionFormatString(
+                            json_format=access_log_format
+                        ),
+                    )
+                ),
+            )
+        ],
+        # A non-streaming generation is silent until done: only a long idle stops it.
+        stream_idle_timeout=_duration(settings.idle_timeout_s),
+        request_timeout=_duration(0),
+        local_reply_config=local_reply_config(settings),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(
+                address=settings.listen_address, port_value=settings.listen_port
+            )
+        ),
+        # The Lua filter buffers the whole request body; this is the body limit (413 above).
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=settings.max_body_bytes),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(hcm),
+                    )
+                ]
+            )
+        ],
+    )
+
