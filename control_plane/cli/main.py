@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import logging
 import sys
@@ -20,7 +21,7 @@ import grpc
 from etcd3aio import EtcdError
 
 from control_plane.cli.options import setup_logging
-from control_plane.errors import EtcdUnavailable, HotpathError, UsageError
+from control_plane.errors import EtcdUnavailable, HotpathError, StartupError, UsageError
 from control_plane.runtime.signals import run_until_stopped
 
 log = logging.getLogger("hotpath")
@@ -85,5 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConnectionError, TimeoutError, EtcdError, grpc.aio.AioRpcError) as exc:
         error = EtcdUnavailable(f"etcd unreachable or refused the request "
                                 f"({exc or type(exc).__name__})")
+        print(f"hotpath: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        error = StartupError(f"an address is already in use ({exc.strerror}): stop what "
+                             "holds the port or choose another")
         print(f"hotpath: {error}", file=sys.stderr)
         return error.exit_code

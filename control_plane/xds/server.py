@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
+from control_plane.errors import StartupError
 from control_plane.xds.protocol import AdsStream, Request, Response
 from control_plane.xds.snapshot import Snapshot
 from control_plane.xds.types import SHORT_NAMES
@@ -147,6 +149,20 @@ class XdsServerTls:
     client_ca: bytes | None = None
 
 
+def _check_free(address: str) -> None:
+    """Refuse a port in use before gRPC tries it (gRPC's own failure is a multi-line log)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except OSError as exc:
+            raise StartupError(f"cannot bind the xDS server to {address}: {exc.strerror}"
+                               ) from None
+
+
 async def start_xds_server(servicer: AdsServicer, address: str,
                            tls: XdsServerTls | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the ADS server on ``host:port`` (port 0 picks one); returns it and the port."""
@@ -160,6 +176,7 @@ async def start_xds_server(servicer: AdsServicer, address: str,
         ]
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
+    _check_free(address)
     try:
         if tls is None:
             port = server.add_insecure_port(address)
@@ -169,6 +186,6 @@ async def start_xds_server(servicer: AdsServicer, address: str,
                 require_client_auth=tls.client_ca is not None)
             port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise OSError(f"cannot bind the xDS server to {address} (in use?): {exc}") from None
+        raise StartupError(f"cannot bind the xDS server to {address} (in use?): {exc}") from None
     await server.start()
     return server, port

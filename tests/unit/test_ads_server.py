@@ -14,6 +14,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
+from control_plane.errors import StartupError
 from control_plane.xds import types
 from control_plane.xds.protocol import Request, Response
 from control_plane.xds.server import AdsServicer, start_xds_server, to_message, to_request
@@ -258,7 +259,7 @@ async def test_bind_to_a_port_in_use_fails() -> None:
     servicer = AdsServicer()
     first, port = await start_xds_server(servicer, "127.0.0.1:0")
     try:
-        with pytest.raises((OSError, RuntimeError)):
+        with pytest.raises(StartupError, match="in use"):
             second, _ = await start_xds_server(AdsServicer(), f"127.0.0.1:{port}")
             await second.stop(0)
     finally:
