@@ -84,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hotpath: {exc}", file=sys.stderr)
         return exc.exit_code
     except (ConnectionError, TimeoutError, EtcdError, grpc.aio.AioRpcError) as exc:
-        error = EtcdUnavailable(f"etcd unreachable or refused the request "
-                                f"({exc or type(exc).__name__})")
-        print(f"hotpath: {error}", file=sys.stderr)
-        return error.exit_code
+        etcd = EtcdUnavailable(f"etcd unreachable or refused the request "
+                               f"({exc or type(exc).__name__})")
+        print(f"hotpath: {etcd}", file=sys.stderr)
+        return etcd.exit_code
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
