@@ -1,13 +1,18 @@
 -- Envoy entry points. The control plane inlines this after lua/hotpath.lua (as HOTPATH) and
 -- the rendered config (as HOTPATH_CONFIG); every decision is made in HOTPATH.decide.
--- Which pool serves a model, and its session header, come from the metadata of the route
+-- Which pool serves a model, and its session header(s), come from the metadata of the route
 -- the model header selects: pool changes arrive over RDS, so the listener (and with it every
 -- open connection and stream) is never replaced when pools change.
-local METADATA_NS = "envoy.filters.http.lua"
+-- Names come from HOTPATH_CONFIG when it has them (read once, at load), else the defaults.
+local CONFIG = HOTPATH_CONFIG
+local MODEL_HEADER = CONFIG.model_header or "x-hotpath-model"
+local SESSION_HEADER = CONFIG.session_header_internal or "x-hotpath-session"
 -- respond() replies pass through the connection manager's local_reply_config; its mappers
--- skip requests carrying this header, so the OpenAI-shaped body goes out unchanged.
-local LUA_REPLY_HEADER = "x-hotpath-lua-reply"
-local INTERNAL_HEADERS = { "x-hotpath-model", "x-hotpath-session", LUA_REPLY_HEADER }
+-- skip requests carrying this header, so the filter's JSON body goes out unchanged.
+local LUA_REPLY_HEADER = CONFIG.lua_reply_header or "x-hotpath-lua-reply"
+local SESSION_ECHO_HEADER = CONFIG.session_echo_header or "x-session-id"
+local METADATA_NS = CONFIG.metadata_namespace or "envoy.filters.http.lua"
+local INTERNAL_HEADERS = { MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER }
 
 function envoy_on_request(handle)
   local headers = handle:headers()
@@ -31,7 +36,7 @@ function envoy_on_request(handle)
   local looked_up = false
   local function lookup(model)
     looked_up = true
-    headers:replace("x-hotpath-model", model)
+    headers:replace(MODEL_HEADER, model)
     -- Re-pick the route on the model header; metadata() must not be read before this, as
     -- the filter keeps the first route metadata it reads.
     handle:clearRouteCache()
@@ -40,21 +45,26 @@ function envoy_on_request(handle)
     if not pool then
       return nil
     end
-    return { pool = pool, session_header = route:get("session_header") }
+    -- A list in the route metadata arrives as a Lua array.
+    return {
+      pool = pool,
+      session_headers = route:get("session_headers"),
+      session_header = route:get("session_header"),
+    }
   end
-  local result = HOTPATH.decide(HOTPATH_CONFIG, method, path, function(name)
+  local result = HOTPATH.decide(CONFIG, method, path, function(name)
     return headers:get(name)
   end, body, lookup)
   if result and result.status then
-    headers:remove("x-hotpath-model")
+    headers:remove(MODEL_HEADER)
     headers:replace(LUA_REPLY_HEADER, "1")
     handle:respond({ [":status"] = tostring(result.status), ["content-type"] = "application/json" },
       result.json)
     return
   end
   if result then
-    headers:replace("x-hotpath-model", result.model)
-    headers:replace("x-hotpath-session", result.session)
+    headers:replace(MODEL_HEADER, result.model)
+    headers:replace(SESSION_HEADER, result.session)
     handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session", result.session)
   end
   -- The route was picked and cached before this filter ran, from the original headers; the
@@ -67,6 +77,6 @@ end
 function envoy_on_response(handle)
   local meta = handle:streamInfo():dynamicMetadata():get(METADATA_NS)
   if meta and meta.session then
-    handle:headers():replace("x-session-id", meta.session)
+    handle:headers():replace(SESSION_ECHO_HEADER, meta.session)
   end
 end

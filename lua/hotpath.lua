@@ -12,8 +12,16 @@ local concat, sort = table.concat, table.sort
 local floor, min = math.floor, math.min
 
 local CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+local RESPONSES, MESSAGES = "/v1/responses", "/v1/messages" -- OpenAI Responses, Anthropic
 local MAX_KEY_BYTES = 256
 local PROMPT_PREFIX_BYTES = 1024
+-- The prefix hash (chat, Responses, Messages) reads at most PREFIX_HASH_BYTES of decoded
+-- prompt text: the system part (chat's system/developer message, Responses' `instructions`,
+-- Messages' `system`) cut to its first SYSTEM_PREFIX_BYTES, then the first user message cut
+-- to its first PREFIX_HASH_BYTES minus the bytes kept of the system part. Bodies that differ
+-- only past these cuts share a key; text is decoded only up to the cut.
+local PREFIX_HASH_BYTES = 65536
+local SYSTEM_PREFIX_BYTES = 32768
 -- Python's json module fails near this depth too (RecursionError); the scanner itself is
 -- iterative, the cap only bounds its stack table.
 local MAX_DEPTH = 1000
@@ -149,6 +157,9 @@ local function decode_string(s, first, stop, escaped, limit)
     return limit and sub(raw, 1, limit) or raw
   end
   local out, n, size, i = {}, 0, 0, 1
+  if not find(raw, "\\", 1, true) then -- `escaped` was only "maybe" (a trusted walk)
+    return limit and sub(raw, 1, limit) or raw
+  end
   while true do
     local j = find(raw, "\\", i, true)
     if not j then
@@ -351,19 +362,35 @@ local function scan_object(s, i, wanted)
   end
 end
 
+-- The top-level fields each API routes on. M.extract's default is chat's and completions'.
 local TOP_FIELDS =
   { model = true, prompt_cache_key = true, user = true, messages = true, prompt = true }
+local API_FIELDS = {
+  [CHAT] = TOP_FIELDS,
+  [COMPLETIONS] = TOP_FIELDS,
+  [RESPONSES] =
+    { model = true, prompt_cache_key = true, user = true, instructions = true, input = true },
+  [MESSAGES] = {
+    model = true, prompt_cache_key = true, user = true, metadata = true, system = true,
+    messages = true,
+  },
+}
 local MESSAGE_FIELDS = { role = true, content = true }
-local PART_FIELDS = { text = true }
+local ITEM_FIELDS = { type = true, role = true, content = true }
+local PART_FIELDS = { type = true, text = true }
+local METADATA_FIELDS = { user_id = true }
+-- Which content parts count as text; nil: every part with a string `text`.
+local RESPONSES_TEXT = { input_text = true, text = true }
+local MESSAGES_TEXT = { text = true }
 
--- Validates the whole body as one JSON object. Returns spans of the top-level fields
--- model, prompt_cache_key, user, messages and prompt, or nil and a reason.
-function M.extract(body)
+-- Validates the whole body as one JSON object. Returns spans of the top-level fields named in
+-- wanted (default: model, prompt_cache_key, user, messages and prompt), or nil and a reason.
+function M.extract(body, wanted)
   local i = skip_ws(body, 1)
   if byte(body, i) ~= 123 then
     return nil, "request body must be a JSON object"
   end
-  local fields, stop = scan_object(body, i, TOP_FIELDS)
+  local fields, stop = scan_object(body, i, wanted or TOP_FIELDS)
   if not fields or skip_ws(body, stop) <= #body then
     return nil, "request body is not valid JSON"
   end
@@ -375,68 +402,193 @@ function M.string_at(body, span, limit)
   if not span or byte(body, span[1]) ~= 34 then
     return nil
   end
+  if limit and limit <= 0 then
+    return ""
+  end
   return decode_string(body, span[1], span[2], span[3], limit)
 end
 
--- Message content as text: a string as is; for an array of parts, the concatenated `text`
--- of the parts that have one (so re-serialising a turn cannot change it); else "".
-local function content_text(body, span)
-  if not span then
+-- Walking an already validated body: strings are skipped with plain find (memchr) for the
+-- closing quote, so the walk to the first user message costs little next to validation.
+
+-- i is at a validated string's opening quote; returns the index after its closing quote.
+local function skip_string(s, i)
+  local j = i
+  while true do
+    j = find(s, '"', j + 1, true)
+    local k = j - 1
+    while byte(s, k) == 92 do
+      k = k - 1
+    end
+    if (j - k) % 2 == 1 then -- an even number of backslashes before it: the closing quote
+      return j + 1
+    end
+  end
+end
+
+-- i is at a validated value; returns the index after it.
+local function skip_value(s, i)
+  local c = byte(s, i)
+  if c == 34 then
+    return skip_string(s, i)
+  end
+  if c ~= 123 and c ~= 91 then -- number or literal: up to the next separator
+    while c and c ~= 44 and c ~= 93 and c ~= 125 and not WS[c] do
+      i = i + 1
+      c = byte(s, i)
+    end
+    return i
+  end
+  local depth = 0
+  while c do -- (always true on a validated body; the test only bounds the loop)
+    if c == 34 then
+      i = skip_string(s, i)
+    else
+      if c == 123 or c == 91 then
+        depth = depth + 1
+      elseif c == 125 or c == 93 then
+        depth = depth - 1
+        if depth == 0 then
+          return i + 1
+        end
+      end
+      i = i + 1
+    end
+    c = byte(s, i)
+  end
+  return i
+end
+
+-- scan_object for a validated object at span: the spans of the members named in wanted (the
+-- last duplicate wins); string spans say "maybe escaped".
+local function object_at(s, span, wanted)
+  local fields = {}
+  if not span or byte(s, span[1]) ~= 123 then
+    return fields
+  end
+  local i = skip_ws(s, span[1] + 1)
+  if byte(s, i) == 125 then
+    return fields
+  end
+  while true do
+    local key_stop = skip_string(s, i)
+    local key = decode_string(s, i, key_stop, true)
+    local first = skip_ws(s, skip_ws(s, key_stop) + 1)
+    local stop = skip_value(s, first)
+    if wanted[key] then
+      fields[key] = { first, stop, true }
+    end
+    i = skip_ws(s, stop)
+    if byte(s, i) == 125 then
+      return fields
+    end
+    i = skip_ws(s, i + 1)
+  end
+end
+
+-- Elements of a validated array at span: each call returns the next element's span, or nil.
+local function elements(s, span)
+  local i
+  if span and byte(s, span[1]) == 91 then
+    i = skip_ws(s, span[1] + 1)
+  end
+  return function()
+    local c = i and byte(s, i)
+    if not c or c == 93 then
+      return nil
+    end
+    local stop = skip_value(s, i)
+    local element = { i, stop, true }
+    i = skip_ws(s, stop)
+    if byte(s, i) == 44 then
+      i = skip_ws(s, i + 1)
+    end
+    return element
+  end
+end
+
+-- Content as text of at most limit bytes: a string as is; for an array of parts, the
+-- concatenated `text` of the parts that have one (of a type in `types`, when given), so that
+-- re-serialising a turn cannot change it; else "". Decoding stops at the limit.
+local function content_text(body, span, limit, types)
+  if not span or limit <= 0 then
     return ""
   end
   local c = byte(body, span[1])
   if c == 34 then
-    return M.string_at(body, span)
+    return M.string_at(body, span, limit)
   end
-  if c ~= 91 then
-    return ""
-  end
-  local texts, i = {}, skip_ws(body, span[1] + 1)
-  while byte(body, i) ~= 93 do
-    local stop
-    if byte(body, i) == 123 then
-      local part
-      part, stop = scan_object(body, i, PART_FIELDS)
-      texts[#texts + 1] = M.string_at(body, part.text)
-    else
-      stop = scan_value(body, i)
-    end
-    i = skip_ws(body, stop)
-    if byte(body, i) == 44 then
-      i = skip_ws(body, i + 1)
+  local texts, n = {}, 0
+  for part in elements(body, span) do
+    local fields = object_at(body, part, PART_FIELDS)
+    if not types or types[M.string_at(body, fields.type) or ""] then
+      local text = M.string_at(body, fields.text, limit)
+      if text then
+        n = n + 1
+        texts[n] = text
+        limit = limit - #text
+        if limit <= 0 then
+          break
+        end
+      end
     end
   end
   return concat(texts)
 end
 
+-- The first user message's text, given the system part already kept.
+local function first_user_text(body, span, system, types)
+  return content_text(body, span, PREFIX_HASH_BYTES - #system, types)
+end
+
 -- The stable prefix of a chat: the first system (or developer) message before the first
--- user message, and that user message. Appending turns never changes either, and the walk
--- stops at the first user message.
+-- user message, and that user message (both capped, see PREFIX_HASH_BYTES). Appending turns
+-- never changes either, and the walk stops at the first user message.
 function M.chat_prefix(body, span)
-  if not span or byte(body, span[1]) ~= 91 then
-    return "", ""
-  end
-  local system, i = nil, skip_ws(body, span[1] + 1)
-  while byte(body, i) ~= 93 do
-    local stop
-    if byte(body, i) == 123 then
-      local msg
-      msg, stop = scan_object(body, i, MESSAGE_FIELDS)
-      local role = M.string_at(body, msg.role)
-      if role == "user" then
-        return system or "", content_text(body, msg.content)
-      elseif not system and (role == "system" or role == "developer") then
-        system = content_text(body, msg.content)
-      end
-    else
-      stop = scan_value(body, i)
-    end
-    i = skip_ws(body, stop)
-    if byte(body, i) == 44 then
-      i = skip_ws(body, i + 1)
+  local system
+  for element in elements(body, span) do
+    local msg = object_at(body, element, MESSAGE_FIELDS)
+    local role = M.string_at(body, msg.role)
+    if role == "user" then
+      system = system or ""
+      return system, first_user_text(body, msg.content, system)
+    elseif not system and (role == "system" or role == "developer") then
+      system = content_text(body, msg.content, SYSTEM_PREFIX_BYTES)
     end
   end
   return system or "", ""
+end
+
+-- Responses: `instructions` (a string) and the first user input: `input` itself when it is a
+-- string, else the first item of the `input` array with role "user" and type "message" or
+-- none; its content a string or input_text/text parts.
+function M.responses_prefix(body, fields)
+  local instructions = M.string_at(body, fields.instructions, SYSTEM_PREFIX_BYTES) or ""
+  local input = fields.input
+  if input and byte(body, input[1]) == 34 then
+    return instructions, first_user_text(body, input, instructions)
+  end
+  for element in elements(body, input) do
+    local item = object_at(body, element, ITEM_FIELDS)
+    local kind = M.string_at(body, item.type)
+    if M.string_at(body, item.role) == "user" and (not item.type or kind == "message") then
+      return instructions, first_user_text(body, item.content, instructions, RESPONSES_TEXT)
+    end
+  end
+  return instructions, ""
+end
+
+-- Messages: `system` (a string or text blocks) and the first message with role "user"
+-- (content a string or blocks, of which only type "text" counts).
+function M.messages_prefix(body, fields)
+  local system = content_text(body, fields.system, SYSTEM_PREFIX_BYTES, MESSAGES_TEXT)
+  for element in elements(body, fields.messages) do
+    local msg = object_at(body, element, MESSAGE_FIELDS)
+    if M.string_at(body, msg.role) == "user" then
+      return system, first_user_text(body, msg.content, system, MESSAGES_TEXT)
+    end
+  end
+  return system, ""
 end
 
 -- The first PROMPT_PREFIX_BYTES of a completions prompt: of the string, of the first element
@@ -536,12 +688,16 @@ local function present(v)
   return v ~= nil and v ~= ""
 end
 
--- First found: the pool's session header, body prompt_cache_key, body user, else the hash of
--- the stable prefix.
+-- First found: the pool's session header value (header_value, already chosen by decide),
+-- body prompt_cache_key, body metadata.user_id (Messages only), body user, else the hash of
+-- the stable prefix. Client keys are sanitised (sanitize_key).
 function M.session_key(body, fields, path, model, header_value)
   local key = header_value
   if not present(key) then
     key = M.string_at(body, fields.prompt_cache_key)
+  end
+  if not present(key) and path == MESSAGES then
+    key = M.string_at(body, object_at(body, fields.metadata, METADATA_FIELDS).user_id)
   end
   if not present(key) then
     key = M.string_at(body, fields.user)
@@ -552,6 +708,12 @@ function M.session_key(body, fields, path, model, header_value)
   if path == CHAT then
     local system, user = M.chat_prefix(body, fields.messages)
     return hash_fields({ "chat", model, system, user })
+  elseif path == RESPONSES then
+    local instructions, user = M.responses_prefix(body, fields)
+    return hash_fields({ "responses", model, instructions, user })
+  elseif path == MESSAGES then
+    local system, user = M.messages_prefix(body, fields)
+    return hash_fields({ "messages", model, system, user })
   end
   return hash_fields({ "completions", model, M.prompt_prefix(body, fields.prompt) })
 end
@@ -568,7 +730,24 @@ local function json_string(s)
   return '"' .. gsub(s, '[%z\1-\31"\\]', JSON_ESCAPES) .. '"'
 end
 
-local function error_reply(status, code, message)
+-- Anthropic's error types for the statuses the filter replies with.
+local ANTHROPIC_TYPES =
+  { [400] = "invalid_request_error", [404] = "not_found_error", [413] = "request_too_large" }
+
+-- OpenAI-shaped {"error":{"message","type","code"}}; on /v1/messages Anthropic-shaped
+-- {"type":"error","error":{"type","message"}} (code is then only in the returned table).
+local function error_reply(path, status, code, message)
+  if path == MESSAGES then
+    local err_type = ANTHROPIC_TYPES[status] or "api_error"
+    return {
+      status = status,
+      type = err_type,
+      code = code,
+      message = message,
+      json = '{"type":"error","error":{"type":' .. json_string(err_type) .. ',"message":'
+        .. json_string(message) .. "}}",
+    }
+  end
   local err_type = "invalid_request_error"
   return {
     status = status,
@@ -588,14 +767,31 @@ end
 -- Whether the filter must buffer the request body for decide().
 function M.needs_body(method, path)
   path = strip_query(path or "")
-  return method == "POST" and (path == CHAT or path == COMPLETIONS)
+  return method == "POST" and API_FIELDS[path] ~= nil
+end
+
+-- The value of the first of the pool's session headers that the request carries (non-empty):
+-- entry.session_headers (a list) when it has any, else entry.session_header (one name).
+local function session_header_value(entry, get_header)
+  local names = entry.session_headers
+  if type(names) ~= "table" or names[1] == nil then
+    names = { entry.session_header }
+  end
+  for _, name in ipairs(names) do
+    local value = get_header(name)
+    if present(value) then
+      return value
+    end
+  end
+  return nil
 end
 
 -- Returns nil to pass the request through untouched; {status, json, ...} for a local reply
 -- (errors also carry type, code and message); or {model, pool, session} to route.
 -- get_header(name) returns a request header's value or nil; lookup(model) returns the
--- model's {pool, session_header} or nil when no pool serves it. (In Envoy the lookup reads
--- the route's metadata, so pool changes arrive over RDS and the listener never changes.)
+-- model's {pool, session_headers (list), session_header} or nil when no pool serves it. (In
+-- Envoy the lookup reads the route's metadata, so pool changes arrive over RDS and the
+-- listener never changes.)
 function M.decide(config, method, path, get_header, body, lookup)
   path = strip_query(path or "")
   if not M.needs_body(method, path) then
@@ -603,26 +799,25 @@ function M.decide(config, method, path, get_header, body, lookup)
   end
   body = body or ""
   if #body > config.max_body_bytes then
-    return error_reply(413, "request_too_large",
+    return error_reply(path, 413, "request_too_large",
       "request body is over the limit of " .. config.max_body_bytes .. " bytes")
   end
-  local fields, why = M.extract(body)
+  local fields, why = M.extract(body, API_FIELDS[path])
   if not fields then
-    return error_reply(400, "invalid_json", why)
+    return error_reply(path, 400, "invalid_json", why)
   end
   local model = M.string_at(body, fields.model)
   if not present(model) then
-    return error_reply(400, "missing_model", "request body has no string field `model`")
+    return error_reply(path, 400, "missing_model", "request body has no string field `model`")
   end
   local entry = lookup(model)
   if not entry then
-    return error_reply(404, "model_not_found", "The model `" .. model .. "` does not exist")
+    return error_reply(path, 404, "model_not_found", "The model `" .. model .. "` does not exist")
   end
-  local header_value = get_header(entry.session_header)
   return {
     model = model,
     pool = entry.pool,
-    session = M.session_key(body, fields, path, model, header_value),
+    session = M.session_key(body, fields, path, model, session_header_value(entry, get_header)),
   }
 end
 
