@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from control_plane.config import limits
 from control_plane.errors import ConfigError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -112,7 +113,12 @@ def _load_object(key: str, raw: bytes | str) -> dict[str, Any]:
         # NaN/Infinity are not JSON; Python accepts them, and a NaN timestamp never goes stale.
         value = json.loads(raw, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(key, f"value is not valid JSON ({exc})") from None
+        # ValueError also covers integer literals over Python's digit limit (10**5000).
+        raise ConfigError(key, f"value is not valid JSON ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise ConfigError(key, "value is not usable JSON (nested too deeply)") from None
+    except Exception as exc:  # noqa: BLE001 - any bytes are a value or one rejected key
+        raise ConfigError(key, f"value is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(value, dict):
         raise ConfigError(key, f"value must be a JSON object, got {type(value).__name__}")
     return value
@@ -162,11 +168,14 @@ def parse_warmup(key: str, value: Any) -> Warmup:
     if body is not None and not isinstance(body, dict):
         raise ConfigError(key, f"warmup.body must be an object, got {json.dumps(body)}")
     interval = _number(key, "warmup.interval_s", value.get("interval_s", default.interval_s),
-                       minimum=0.1)
+                       minimum=limits.WARMUP_INTERVAL_MIN_S)
+    limits.at_most(key, "warmup.interval_s", interval, limits.WARMUP_INTERVAL_MAX_S)
     timeout = _number(key, "warmup.timeout_s", value.get("timeout_s", default.timeout_s),
-                      minimum=0.1)
+                      minimum=limits.WARMUP_TIMEOUT_MIN_S)
+    limits.at_most(key, "warmup.timeout_s", timeout, limits.WARMUP_TIMEOUT_MAX_S)
     cold = _number(key, "warmup.cold_ttft_ms", value.get("cold_ttft_ms", default.cold_ttft_ms),
-                   minimum=1)
+                   minimum=limits.WARMUP_COLD_TTFT_MIN_MS)
+    limits.at_most(key, "warmup.cold_ttft_ms", cold, limits.WARMUP_COLD_TTFT_MAX_MS)
     return Warmup(path=path, body=body, interval_s=float(interval), timeout_s=float(timeout),
                   cold_ttft_ms=float(cold))
 
@@ -206,8 +215,10 @@ def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
         raise ConfigError(key, f"session_header {header!r} is reserved for the gateway")
     factor = _number(key, "hash_balance_factor", value.get("hash_balance_factor", 150),
                      minimum=0, integer=True)
-    if factor != 0 and factor < 100:
-        raise ConfigError(key, f"hash_balance_factor must be >= 100 (or 0 for off), got {factor}")
+    if factor != 0 and factor < limits.HASH_BALANCE_FACTOR_MIN:
+        raise ConfigError(key, f"hash_balance_factor must be >= {limits.HASH_BALANCE_FACTOR_MIN}"
+                               f" (or 0 for off), got {factor}")
+    limits.at_most(key, "hash_balance_factor", factor, limits.HASH_BALANCE_FACTOR_MAX)
     warmup = parse_warmup(key, value["warmup"]) if "warmup" in value else Warmup()
     return Pool(name=name, models=tuple(models), lb=lb, session_header=header,
                 hash_balance_factor=factor, warmup=warmup)
@@ -240,13 +251,12 @@ def parse_endpoint(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> E
         raise ConfigError(key, f"address must be an IP or hostname, got {json.dumps(address)}")
     if "port" not in value:
         raise ConfigError(key, "port is required")
-    port = _number(key, "port", value["port"], minimum=1, integer=True)
-    if port > 65535:
-        raise ConfigError(key, f"port must be <= 65535, got {port}")
-    weight = _number(key, "weight", value.get("weight", 1), minimum=1, integer=True)
-    if weight > 128:
-        # Envoy caps load-balancing weights at 128 per host.
-        raise ConfigError(key, f"weight must be <= 128, got {weight}")
+    port = _number(key, "port", value["port"], minimum=limits.PORT_MIN, integer=True)
+    limits.at_most(key, "port", port, limits.PORT_MAX)
+    weight = _number(key, "weight", value.get("weight", 1), minimum=limits.WEIGHT_MIN,
+                     integer=True)
+    # hotpath's cap (limits.py says why; Envoy itself only needs >= 1).
+    limits.at_most(key, "weight", weight, limits.WEIGHT_MAX)
     return Endpoint(pool=pool, id=endpoint_id, address=address, port=port, weight=weight)
 
 

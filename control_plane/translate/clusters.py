@@ -9,14 +9,20 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
+from control_plane.config import limits
 from control_plane.config.model import Pool
 from control_plane.translate.warmth import RING_POINTS_PER_WEIGHT, Route, ring_size
 
 # Ring points per unit of endpoint weight (RING_POINTS_PER_WEIGHT, 1024). The ring's minimum
-# size is the sum of the points of the hosts in the ring (warmth/routing.py), so every host
+# size is the sum of the points of the hosts in the ring (translate/warmth.py), so every host
 # keeps the same points when another host joins, leaves or changes warmth, and only the
 # sessions of that host move.
-MAX_RING_SIZE = 8 * 1024 * 1024
+MAX_RING_SIZE = limits.RING_SIZE_MAX
+
+# Concurrent retries per cluster. Envoy's default of 3 turned 154 of 205 requests into 503s
+# with 30 concurrent sessions on a dead host (measured, Envoy 1.40): every session of a
+# dead ring-hash host is retried to the next ring entry, so retries are as many as requests.
+MAX_RETRIES = 1000
 
 _LB = {
     "ring_hash": cluster_pb2.Cluster.RING_HASH,
@@ -24,6 +30,17 @@ _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
     "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
 }
+
+
+# No outlier detection for consistent-hash pools. Measured on Envoy 1.40 (3 hosts, 600
+# sessions, 1024 ring points per host): an outlier ejection rebuilds the ring from the
+# remaining hosts with the unchanged minimum ring size, so each survivor gets 1536 points and
+# 55 of 395 survivor sessions moved between survivors. Without ejection, the route's retries
+# (connect-failure/reset, previous_hosts, routes.py) send a dead host's sessions to the next
+# ring entry deterministically: 0 survivors moved, 0 failures. The prober then marks the host
+# down and the control plane removes it from the ring and shrinks minimum_ring_size in the
+# same push (CDS, then EDS): again 0 survivors moved.
+HASHED = ("ring_hash", "maglev")
 
 
 def _seconds(value: float) -> duration_pb2.Duration:
@@ -53,8 +70,9 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
     # 2-3 host GPU pools: the default 50% panic threshold would send traffic to a dead host as
     # soon as one of two is down. Disabled: unhealthy hosts never get traffic.
     common.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
-    if pool.lb in ("ring_hash", "maglev"):
+    if pool.lb in HASHED:
         if pool.hash_balance_factor:
+            # UInt32Value >= 100: model.py validates against config/limits.py.
             common.consistent_hashing_lb_config.hash_balance_factor.value = (
                 pool.hash_balance_factor
             )
@@ -65,17 +83,18 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
         cluster.ring_hash_lb_config.hash_function = (
             cluster_pb2.Cluster.RingHashLbConfig.XX_HASH
         )
-    cluster.outlier_detection.CopyFrom(
-        outlier_detection_pb2.OutlierDetection(
-            consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-            consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
-            enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
-            interval=_seconds(5),
-            base_ejection_time=_seconds(15),
-            # The 10% default never ejects anything in a 3-host pool; at most half may go.
-            max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+    if pool.lb not in HASHED:
+        cluster.outlier_detection.CopyFrom(
+            outlier_detection_pb2.OutlierDetection(
+                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+                consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=3),
+                enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+                interval=_seconds(5),
+                base_ejection_time=_seconds(15),
+                # The 10% default never ejects anything in a 3-host pool; at most half may go.
+                max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+            )
         )
-    )
     # LLM requests are long-lived streams: the 1024 defaults would queue real traffic.
     cluster.circuit_breakers.CopyFrom(
         circuit_breaker_pb2.CircuitBreakers(
@@ -85,7 +104,7 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
                     max_connections=wrappers_pb2.UInt32Value(value=100_000),
                     max_pending_requests=wrappers_pb2.UInt32Value(value=100_000),
                     max_requests=wrappers_pb2.UInt32Value(value=100_000),
-                    max_retries=wrappers_pb2.UInt32Value(value=64),
+                    max_retries=wrappers_pb2.UInt32Value(value=MAX_RETRIES),
                 )
             ]
         )

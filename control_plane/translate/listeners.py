@@ -20,6 +20,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from control_plane.config import limits
 from control_plane.config.model import GatewaySettings
 from control_plane.translate.lua import render_lua_source
 from control_plane.xds.types import LISTENER_NAME, ROUTE_CONFIG_NAME
@@ -48,7 +49,8 @@ ACCESS_LOG_FORMAT = {
 
 def _any(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)
+    # Deterministic: the snapshot's content hash must not change with map order.
+    packed.Pack(message, deterministic=True)
     return packed
 
 
@@ -125,6 +127,8 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
     """Depends on gateway settings only: pool changes never replace the listener (which would
     drain every open connection, cutting long generations)."""
+    # Both land in Envoy fields (UInt32Value buffer limit, Duration idle timeouts).
+    limits.check_gateway(settings.max_body_bytes, settings.idle_timeout_s)
     lua = lua_pb2.Lua(
         default_source_code=base_pb2.DataSource(
             inline_string=render_lua_source(settings.max_body_bytes)

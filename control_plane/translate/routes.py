@@ -1,4 +1,15 @@
-"""Route configuration: one route per model, matched on the header the Lua filter sets."""
+"""Route configuration: a matcher tree from model name to route, then the fallback routes.
+
+Picking the route is one hash lookup on the header the Lua filter sets (``x-hotpath-model``),
+not a scan. Measured on Envoy 1.40 (CPU per request, 10 vs 5,000 models): one route per model
+with a header matcher is a linear scan, ~0.12 us per model per request, and the Lua filter's
+clearRouteCache makes Envoy pick twice: 103 vs 714 us without Lua, 173 vs 1005 us with it.
+With ``VirtualHost.matcher`` (exact_match_map on the header) it is flat: 116 vs 104 us
+without Lua, 153 vs 181 us with it. Verified there too: route metadata stays readable from
+Lua's handle:metadata() after clearRouteCache, hash_policy works, the virtual host's
+retry_policy applies to matcher routes, and on_no_match can be a RouteList whose routes still
+check their own match. (Envoy rejects a virtual host with both ``matcher`` and ``routes``.)
+"""
 
 from __future__ import annotations
 
@@ -8,8 +19,16 @@ from collections.abc import Iterable
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-from google.protobuf import any_pb2, duration_pb2
 
+# Imported for its side effect too: json_format (goldens, config dumps) must know the type
+# packed in the matcher's input.
+from envoy.type.matcher.v3 import http_inputs_pb2
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from xds.core.v3 import extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
+
+from control_plane.config import limits
 from control_plane.config.model import GatewaySettings, Pool
 from control_plane.xds.types import ROUTE_CONFIG_NAME
 
@@ -19,26 +38,48 @@ SESSION_HEADER = "x-hotpath-session"
 # Retries only where the request never reached a model server's generation: a connect
 # failure, a refused stream or a reset before any response header. They go to another host.
 RETRY_ON = "connect-failure,refused-stream,reset"
+# Backoff between retries. Envoy's default (25 ms base) made retried requests' p50 15.7 ms;
+# 2 ms base, 100 ms max gave 3.1 ms (measured, Envoy 1.40, a dead ring-hash host).
+RETRY_BASE_S = 0.002
+RETRY_MAX_S = 0.1
+# How many ring entries a retry may try past the dead host's. Ring hash walks to the next
+# entry per attempt; every entry the predicate rejects is the dead host again, and after the
+# last attempt Envoy routes to the (dead) host it last picked. 5 failed 1 of ~100 dead-host
+# sessions on a 3-host ring (5 dead entries in a row, ~(1/3)^4), and would fail ~6% on a
+# 2-host ring; 100 makes that (1/2)^99. Selections are cheap and only happen on retries.
+HOST_SELECTION_ATTEMPTS = 100
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    # Deterministic: the snapshot's content hash must not change with map order.
+    packed.Pack(message, deterministic=True)
+    return packed
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
+    if not 0 <= seconds <= limits.DURATION_MAX_S:
+        raise ValueError(f"duration {seconds} s is outside protobuf's Duration range")
     duration = duration_pb2.Duration()
     duration.FromMilliseconds(round(seconds * 1000))
     return duration
 
 
 def _retry_policy() -> route_components_pb2.RetryPolicy:
-    predicate = any_pb2.Any()
-    predicate.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    """The virtual host's retry policy: it applies to every matcher route (measured), and one
+    copy instead of one per model keeps the RDS resource small at thousands of models."""
     return route_components_pb2.RetryPolicy(
         retry_on=RETRY_ON,
         num_retries={"value": 2},
         retry_host_predicate=[
             route_components_pb2.RetryPolicy.RetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts", typed_config=predicate
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()),
             )
         ],
-        host_selection_retry_max_attempts=5,
+        host_selection_retry_max_attempts=HOST_SELECTION_ATTEMPTS,
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=_duration(RETRY_BASE_S), max_interval=_duration(RETRY_MAX_S)),
     )
 
 
@@ -75,15 +116,8 @@ def _model_route(model: str, pool: Pool, settings: GatewaySettings) -> route_com
     return route_components_pb2.Route(
         name=f"{pool.name}/{model}",
         metadata=_route_metadata(pool),
-        match=route_components_pb2.RouteMatch(
-            prefix="/",
-            headers=[
-                route_components_pb2.HeaderMatcher(
-                    name=MODEL_HEADER,
-                    string_match={"exact": model},
-                )
-            ],
-        ),
+        # The matcher tree already picked this route by x-hotpath-model.
+        match=route_components_pb2.RouteMatch(prefix="/"),
         route=route_components_pb2.RouteAction(
             cluster=pool.name,
             hash_policy=[
@@ -96,7 +130,6 @@ def _model_route(model: str, pool: Pool, settings: GatewaySettings) -> route_com
             # Generations run for minutes: no overall deadline, only an idle timeout.
             timeout=_duration(0),
             idle_timeout=_duration(settings.idle_timeout_s),
-            retry_policy=_retry_policy(),
         ),
     )
 
@@ -112,14 +145,49 @@ def _not_found(name: str, match: route_components_pb2.RouteMatch, message: str
     )
 
 
+def _model_matcher(pools: list[Pool], settings: GatewaySettings,
+                   fallback: list[route_components_pb2.Route]) -> matcher_pb2.Matcher:
+    """x-hotpath-model -> that model's route (exact match); anything else -> ``fallback``."""
+    tree = matcher_pb2.Matcher.MatcherTree(
+        input=extension_pb2.TypedExtensionConfig(
+            name="model",
+            typed_config=_any(http_inputs_pb2.HttpRequestHeaderMatchInput(
+                header_name=MODEL_HEADER)),
+        ),
+        exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(),
+    )
+    for pool in pools:
+        for model in pool.models:
+            tree.exact_match_map.map[model].CopyFrom(matcher_pb2.Matcher.OnMatch(
+                action=extension_pb2.TypedExtensionConfig(
+                    name="route", typed_config=_any(_model_route(model, pool, settings)))))
+    return matcher_pb2.Matcher(
+        matcher_tree=tree,
+        on_no_match=matcher_pb2.Matcher.OnMatch(
+            action=extension_pb2.TypedExtensionConfig(
+                name="fallback",
+                typed_config=_any(route_components_pb2.RouteList(routes=fallback)))),
+    )
+
+
+def _direct_response_limit(routes: Iterable[route_components_pb2.Route]) -> int:
+    """Room for the largest direct response (GET /v1/models grows ~101 bytes per model);
+    Envoy refuses any over 4096 bytes by default, which froze RDS at ~40 models."""
+    largest = max((len(r.direct_response.body.inline_string.encode())
+                   for r in routes if r.HasField("direct_response")), default=0)
+    size = max(limits.DIRECT_RESPONSE_DEFAULT_MAX, largest)
+    if size > limits.DIRECT_RESPONSE_MAX:
+        raise ValueError(f"a direct response of {size} bytes exceeds Envoy's uint32 limit")
+    return size
+
+
 def build_route_configuration(
     pools: Iterable[Pool], settings: GatewaySettings
 ) -> route_pb2.RouteConfiguration:
     ordered = sorted(pools, key=lambda p: p.name)
-    routes = [_models_route(ordered)]
-    routes += [_model_route(model, pool, settings) for pool in ordered for model in pool.models]
-    # A model the routes do not know yet (Lua and RDS update separately): 404, not a hang.
-    routes.append(
+    fallback = [
+        _models_route(ordered),
+        # A model the routes do not know yet (Lua and RDS update separately): 404, not a hang.
         _not_found(
             "unknown-model",
             route_components_pb2.RouteMatch(
@@ -128,20 +196,24 @@ def build_route_configuration(
                                                             present_match=True)],
             ),
             "the requested model is not served by any pool",
-        )
-    )
-    routes.append(
+        ),
         _not_found("no-route", route_components_pb2.RouteMatch(prefix="/"),
                    "no route for this path; hotpath serves /v1/chat/completions, "
-                   "/v1/completions and /v1/models")
-    )
+                   "/v1/completions and /v1/models"),
+    ]
+    vhost = route_components_pb2.VirtualHost(name="hotpath", domains=["*"],
+                                             retry_policy=_retry_policy())
+    if any(pool.models for pool in ordered):
+        vhost.matcher.CopyFrom(_model_matcher(ordered, settings, fallback))
+    else:
+        # Envoy refuses an empty exact_match_map ("value must contain at least 1 pair(s)"):
+        # with no model at all the fallback routes are the virtual host's plain routes.
+        vhost.routes.extend(fallback)
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[
-            route_components_pb2.VirtualHost(name="hotpath", domains=["*"], routes=routes)
-        ],
+        virtual_hosts=[vhost],
         # Client copies of the internal headers are stripped by the Lua filter; never echo
         # them back either.
         response_headers_to_remove=[MODEL_HEADER, SESSION_HEADER],
+        max_direct_response_body_size_bytes={"value": _direct_response_limit(fallback)},
     )
-

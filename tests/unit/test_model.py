@@ -9,9 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from control_plane.config import limits
 from control_plane.config.model import (
     NAME_RE,
+    Config,
     Endpoint,
+    GatewaySettings,
     Pool,
     Status,
     WarmState,
@@ -25,6 +28,10 @@ from control_plane.config.model import (
     status_to_json,
 )
 from control_plane.errors import ConfigError
+from control_plane.translate.listeners import build_listener
+from control_plane.translate.resources import translate
+from control_plane.translate.routes import build_route_configuration
+from control_plane.xds import types
 
 POOL_KEY = "pools/chat"
 EP_KEY = "endpoints/chat/gpu-0"
@@ -492,3 +499,98 @@ def test_endpoint_round_trip(address: str, port: int, weight: int) -> None:
 def test_status_round_trip(state: WarmState, ttft: float | None) -> None:
     value = Status(pool="chat", id="gpu-0", state=state, ttft_ms=ttft, checked_at=1700.25)
     assert parse_status(ST_KEY, "chat", "gpu-0", json.dumps(status_to_json(value))) == value
+
+
+# --- numeric bounds: one source (config/limits.py) for validation and the builders ---------
+
+BOUNDS = [
+    # (etcd value at the bound with field path, field name as in the message, bound)
+    ("pool", ("hash_balance_factor",), "hash_balance_factor", limits.HASH_BALANCE_FACTOR_MAX),
+    ("pool", ("warmup", "interval_s"), "warmup.interval_s", limits.WARMUP_INTERVAL_MAX_S),
+    ("pool", ("warmup", "timeout_s"), "warmup.timeout_s", limits.WARMUP_TIMEOUT_MAX_S),
+    ("pool", ("warmup", "cold_ttft_ms"), "warmup.cold_ttft_ms", limits.WARMUP_COLD_TTFT_MAX_MS),
+    ("endpoint", ("port",), "port", limits.PORT_MAX),
+    ("endpoint", ("weight",), "weight", limits.WEIGHT_MAX),
+]
+
+
+def _bounded_value(kind: str, path: tuple[str, ...], number: int) -> dict[str, Any]:
+    value: dict[str, Any] = ({"models": ["m"]} if kind == "pool"
+                             else {"address": "10.0.0.1", "port": 80})
+    target = value
+    for part in path[:-1]:
+        target = target.setdefault(part, {})
+    target[path[-1]] = number
+    return value
+
+
+def test_limits_are_envoys_own() -> None:
+    assert limits.UINT32_MAX == 4_294_967_295
+    assert limits.RING_SIZE_MAX == 8_388_608  # RingHashLbConfig: lte 8388608
+    assert limits.DURATION_MAX_S == 315_576_000_000  # google.protobuf.Duration
+    assert limits.PORT_MAX == 65535
+
+
+@pytest.mark.parametrize(("kind", "path", "name", "bound"), BOUNDS)
+def test_numeric_field_over_its_bound_is_rejected_naming_key_and_field(
+        kind: str, path: tuple[str, ...], name: str, bound: int) -> None:
+    value = _bounded_value(kind, path, bound + 1)
+    message = pool_error(value) if kind == "pool" else endpoint_error(value)
+    key = POOL_KEY if kind == "pool" else EP_KEY
+    assert message == f"{key}: {name} must be <= {bound}, got {bound + 1}"
+
+
+@pytest.mark.parametrize(("kind", "path", "name", "bound"), BOUNDS)
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev", "round_robin"])
+def test_numeric_field_at_its_bound_builds_resources_that_serialize(
+        kind: str, path: tuple[str, ...], name: str, bound: int, lb: str) -> None:
+    value = _bounded_value(kind, path, bound)
+    if kind == "pool":
+        parsed_pool = pool({**value, "lb": lb})
+        parsed_endpoint = endpoint({"address": "10.0.0.1", "port": 80})
+    else:
+        parsed_pool = pool({"models": ["m"], "lb": lb})
+        parsed_endpoint = endpoint(value)
+    config = Config(pools={"chat": parsed_pool},
+                    endpoints={"chat": {"gpu-0": parsed_endpoint}})
+    resources = translate(config, {("chat", "gpu-0"): "10.0.0.1"}, GatewaySettings(), 0.0)
+    for by_name in resources.values():
+        for resource in by_name.values():
+            assert resource.SerializeToString(deterministic=True)
+    if name == "hash_balance_factor" and lb != "round_robin":
+        cluster = resources[types.CLUSTER]["chat"]
+        assert cluster.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value \
+            == bound
+
+
+def test_hash_balance_factor_of_2_to_the_32_no_longer_reaches_the_builder() -> None:
+    # Finding 4: this passed validation and then failed inside the cluster builder.
+    assert pool_error({"models": ["m"], "hash_balance_factor": 2**32}) == (
+        f"pools/chat: hash_balance_factor must be <= 4294967295, got {2**32}")
+
+
+@pytest.mark.parametrize(
+    ("max_body", "idle", "message"),
+    [
+        (limits.BODY_LIMIT_MAX + 1, 900.0,
+         f"--max-body-bytes: must be in 1..4294967295, got {limits.BODY_LIMIT_MAX + 1}"),
+        (0, 900.0, "--max-body-bytes: must be in 1..4294967295, got 0"),
+        (1024, limits.IDLE_TIMEOUT_MAX_S + 1,
+         "--idle-timeout: must be in (0, 315576000000] seconds, got 3.15576e+11"),
+    ],
+)
+def test_gateway_settings_over_their_bound_are_rejected(max_body: int, idle: float,
+                                                        message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_listener(GatewaySettings(max_body_bytes=max_body, idle_timeout_s=idle))
+    assert str(info.value) == message
+
+
+def test_gateway_settings_at_their_bound_serialize() -> None:
+    settings = GatewaySettings(max_body_bytes=limits.BODY_LIMIT_MAX,
+                               idle_timeout_s=limits.IDLE_TIMEOUT_MAX_S)
+    listener = build_listener(settings)
+    assert listener.per_connection_buffer_limit_bytes.value == limits.UINT32_MAX
+    assert listener.SerializeToString()
+    routes = build_route_configuration([Pool(name="p", models=("m",))], settings)
+    assert routes.SerializeToString()

@@ -18,12 +18,13 @@ import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
@@ -196,9 +197,23 @@ def test_hash_balance_factor_not_set_without_hashing(lb: str) -> None:
     assert not cluster.common_lb_config.HasField("consistent_hashing_lb_config")
 
 
-def test_outlier_detection_ejects_at_most_half() -> None:
-    cluster = build_cluster(CHAT, CHAT_ENDPOINTS)
+@pytest.mark.parametrize("lb", ["round_robin", "least_request"])
+def test_outlier_detection_ejects_at_most_half(lb: str) -> None:
+    cluster = build_cluster(Pool(name="p", models=("m",), lb=lb), endpoint_dicts(3))
     assert cluster.outlier_detection.max_ejection_percent.value == 50
+
+
+@pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
+def test_no_outlier_detection_for_consistent_hashing(lb: str) -> None:
+    # An ejection rebuilds the ring and moves survivors' sessions (measured: 55 of 395);
+    # retries carry a dead host's sessions instead, and the prober's "down" removes it.
+    cluster = build_cluster(Pool(name="p", models=("m",), lb=lb), endpoint_dicts(3))
+    assert not cluster.HasField("outlier_detection")
+
+
+def test_circuit_breaker_allows_a_retry_per_request() -> None:
+    (threshold,) = build_cluster(CHAT, CHAT_ENDPOINTS).circuit_breakers.thresholds
+    assert threshold.max_retries.value == 1000
 
 
 # --- endpoints ------------------------------------------------------------------------------
@@ -277,45 +292,75 @@ def test_no_endpoint_gives_empty_assignment() -> None:
 # --- routes ---------------------------------------------------------------------------------
 
 
-def test_one_route_per_model_then_404s() -> None:
+def model_routes(config: route_pb2.RouteConfiguration) -> dict[str, Any]:
+    """model -> its Route, from the virtual host's matcher tree."""
+    (vhost,) = config.virtual_hosts
+    tree = vhost.matcher.matcher_tree
+    assert tree.input.typed_config.Is(http_inputs_pb2.HttpRequestHeaderMatchInput.DESCRIPTOR)
+    header_input = http_inputs_pb2.HttpRequestHeaderMatchInput()
+    assert tree.input.typed_config.Unpack(header_input)
+    assert header_input.header_name == MODEL_HEADER == "x-hotpath-model"
+    found = {}
+    for model, on_match in tree.exact_match_map.map.items():
+        route = route_components_pb2.Route()
+        assert on_match.action.typed_config.Unpack(route)
+        found[model] = route
+    return found
+
+
+def fallback_routes(config: route_pb2.RouteConfiguration) -> list[Any]:
+    routes = route_components_pb2.RouteList()
+    assert config.virtual_hosts[0].matcher.on_no_match.action.typed_config.Unpack(routes)
+    return list(routes.routes)
+
+
+def test_model_matcher_tree_then_404s() -> None:
     config = build_route_configuration([CODE, CHAT], GatewaySettings())
     assert config.name == ROUTE_CONFIG_NAME == "hotpath"
     (vhost,) = config.virtual_hosts
     assert list(vhost.domains) == ["*"]
-    names = [route.name for route in vhost.routes]
-    assert names == ["models", "chat/llama-3-8b", "chat/llama-3-8b-instruct", "code/qwen-coder",
-                     "unknown-model", "no-route"]
-    for route in vhost.routes[1:4]:
-        (matcher,) = route.match.headers
-        assert matcher.name == MODEL_HEADER == "x-hotpath-model"
-        assert matcher.string_match.exact == route.name.split("/", 1)[1]
+    # Envoy rejects a virtual host with both a matcher and routes.
+    assert not vhost.routes
+    routes = model_routes(config)
+    assert {model: r.name for model, r in routes.items()} == {
+        "llama-3-8b": "chat/llama-3-8b", "llama-3-8b-instruct": "chat/llama-3-8b-instruct",
+        "qwen-coder": "code/qwen-coder"}
+    for route in routes.values():
+        assert route.match.prefix == "/"
         assert route.route.cluster == route.name.split("/", 1)[0]
         (hash_policy,) = route.route.hash_policy
         assert hash_policy.header.header_name == SESSION_HEADER == "x-hotpath-session"
-    assert vhost.routes[4].direct_response.status == 404
-    assert vhost.routes[4].match.headers[0].present_match
-    assert vhost.routes[5].direct_response.status == 404
+    fallback = fallback_routes(config)
+    assert [r.name for r in fallback] == ["models", "unknown-model", "no-route"]
+    assert fallback[1].direct_response.status == 404
+    assert fallback[1].match.headers[0].present_match
+    assert fallback[2].direct_response.status == 404
     assert list(config.response_headers_to_remove) == [MODEL_HEADER, SESSION_HEADER]
 
 
 def test_route_without_pools_still_answers_404() -> None:
+    # Envoy refuses an empty exact_match_map: no matcher then, the fallback routes only.
     config = build_route_configuration([], GatewaySettings())
-    assert [r.name for r in config.virtual_hosts[0].routes] == ["models", "unknown-model",
-                                                                "no-route"]
+    (vhost,) = config.virtual_hosts
+    assert not vhost.HasField("matcher")
+    assert [r.name for r in vhost.routes] == ["models", "unknown-model", "no-route"]
+    assert vhost.HasField("retry_policy")
 
 
 def test_route_timeout_zero_and_idle_timeout_from_settings() -> None:
     config = build_route_configuration([CHAT], GatewaySettings(idle_timeout_s=120.5))
-    action = config.virtual_hosts[0].routes[1].route
+    action = model_routes(config)["llama-3-8b"].route
     # Explicitly set: an absent timeout means Envoy's 15 s default.
     assert action.HasField("timeout")
     assert action.timeout.ToMilliseconds() == 0
     assert action.idle_timeout.ToMilliseconds() == 120_500
 
 
-def test_retry_policy_previous_hosts_and_retry_on() -> None:
+def test_retry_policy_on_the_virtual_host_previous_hosts_and_retry_on() -> None:
     config = build_route_configuration([CHAT], GatewaySettings())
-    policy = config.virtual_hosts[0].routes[1].route.retry_policy
+    # One copy on the virtual host (it applies to matcher routes), none per route.
+    assert not any(r.route.HasField("retry_policy") for r in model_routes(config).values())
+    policy = config.virtual_hosts[0].retry_policy
     retry_on = policy.retry_on.split(",")
     assert "connect-failure" in retry_on
     assert "reset" in retry_on
@@ -325,6 +370,26 @@ def test_retry_policy_previous_hosts_and_retry_on() -> None:
     assert predicate.name == "envoy.retry_host_predicates.previous_hosts"
     assert predicate.typed_config.Is(previous_hosts_pb2.PreviousHostsPredicate.DESCRIPTOR)
     assert policy.host_selection_retry_max_attempts >= 1
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 2
+    assert policy.retry_back_off.max_interval.ToMilliseconds() == 100
+
+
+def test_direct_response_limit_follows_the_models_body() -> None:
+    small = build_route_configuration([CHAT], GatewaySettings())
+    assert small.max_direct_response_body_size_bytes.value == 4096  # Envoy's default
+    many = Pool(name="big", models=tuple(f"model-{i:05d}" for i in range(5000)))
+    config = build_route_configuration([many], GatewaySettings())
+    body = fallback_routes(config)[0].direct_response.body.inline_string
+    assert len(body) > 300_000  # ~67 bytes per model here, well over 4096
+    assert config.max_direct_response_body_size_bytes.value == len(body.encode())
+    assert len(model_routes(config)) == 5000
+
+
+def test_route_configuration_is_deterministic() -> None:
+    first = build_route_configuration([CODE, CHAT], GatewaySettings())
+    second = build_route_configuration([CHAT, CODE], GatewaySettings())
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(
+        deterministic=True)
 
 
 # --- listener -------------------------------------------------------------------------------
@@ -362,15 +427,13 @@ def test_listener_does_not_depend_on_pools() -> None:
 
 
 def test_model_routes_carry_pool_and_session_header_for_the_lua_filter() -> None:
-    routes = build_route_configuration([CHAT, CODE], GatewaySettings()).virtual_hosts[0].routes
-    by_name = {route.name: route for route in routes}
-    meta = by_name["code/qwen-coder"].metadata.filter_metadata["envoy.filters.http.lua"]
+    routes = model_routes(build_route_configuration([CHAT, CODE], GatewaySettings()))
+    meta = routes["qwen-coder"].metadata.filter_metadata["envoy.filters.http.lua"]
     assert dict(meta) == {"pool": "code", "session_header": "x-conversation"}
 
 
 def test_models_route_lists_every_model_sorted() -> None:
-    routes = build_route_configuration([CODE, CHAT], GatewaySettings()).virtual_hosts[0].routes
-    models = routes[0]
+    models = fallback_routes(build_route_configuration([CODE, CHAT], GatewaySettings()))[0]
     assert models.match.path == "/v1/models"
     assert models.direct_response.status == 200
     doc = json.loads(models.direct_response.body.inline_string)
