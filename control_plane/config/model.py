@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from control_plane import contract
 from control_plane.config import limits
+from control_plane.contract import DEFAULT_SESSION_HEADER
 from control_plane.errors import ConfigError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -26,7 +28,9 @@ HOSTNAME_RE = re.compile(
 )
 LB_POLICIES = ("ring_hash", "maglev", "round_robin", "least_request")
 # Headers the gateway owns: a pool must not hash on them.
-INTERNAL_HEADERS = ("x-hotpath-model", "x-hotpath-session")
+# Headers the gateway owns: a pool must not take its session key from them.
+INTERNAL_HEADERS = contract.INTERNAL_HEADERS
+MAX_SESSION_HEADERS = 8
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -54,7 +58,8 @@ class Pool:
     name: str
     models: tuple[str, ...]
     lb: str = "ring_hash"
-    session_header: str = "x-session-id"
+    # Request headers whose value is the session key, first present wins.
+    session_headers: tuple[str, ...] = (DEFAULT_SESSION_HEADER,)
     hash_balance_factor: int = 150
     warmup: Warmup = field(default_factory=Warmup)
 
@@ -180,7 +185,32 @@ def parse_warmup(key: str, value: Any) -> Warmup:
                   cold_ttft_ms=float(cold))
 
 
-_POOL_FIELDS = ("models", "lb", "session_header", "hash_balance_factor", "warmup")
+_POOL_FIELDS = ("models", "lb", "session_header", "session_headers", "hash_balance_factor",
+                "warmup")
+
+
+def _session_headers(key: str, value: Mapping[str, Any]) -> tuple[str, ...]:
+    """``session_headers`` (a list, first present wins) or its one-element form
+    ``session_header``; not both, since which one wins would be a guess."""
+    if "session_header" in value and "session_headers" in value:
+        raise ConfigError(key, "give session_header or session_headers, not both")
+    if "session_headers" in value:
+        field_name, headers = "session_headers", value["session_headers"]
+        if not isinstance(headers, list) or not 1 <= len(headers) <= MAX_SESSION_HEADERS:
+            raise ConfigError(key, f"session_headers must be a list of 1-{MAX_SESSION_HEADERS}"
+                                   f" header names, got {json.dumps(headers)}")
+    else:
+        field_name, headers = "session_header", [value.get("session_header",
+                                                           DEFAULT_SESSION_HEADER)]
+    for header in headers:
+        if not isinstance(header, str) or not HEADER_RE.fullmatch(header):
+            raise ConfigError(key, f"{field_name} must be a lower-case HTTP header name, got "
+                                   f"{json.dumps(header)}")
+        if header in INTERNAL_HEADERS:
+            raise ConfigError(key, f"{field_name} {header!r} is reserved for the gateway")
+    if len(set(headers)) != len(headers):
+        raise ConfigError(key, f"{field_name} lists a header twice")
+    return tuple(headers)
 
 
 def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
@@ -206,13 +236,7 @@ def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
     lb = value.get("lb", "ring_hash")
     if lb not in LB_POLICIES:
         raise ConfigError(key, f"lb must be one of {', '.join(LB_POLICIES)}, got {json.dumps(lb)}")
-    header = value.get("session_header", "x-session-id")
-    if not isinstance(header, str) or not HEADER_RE.fullmatch(header):
-        raise ConfigError(
-            key, f"session_header must be a lower-case HTTP header name, got {json.dumps(header)}"
-        )
-    if header in INTERNAL_HEADERS:
-        raise ConfigError(key, f"session_header {header!r} is reserved for the gateway")
+    headers = _session_headers(key, value)
     factor = _number(key, "hash_balance_factor", value.get("hash_balance_factor", 150),
                      minimum=0, integer=True)
     if factor != 0 and factor < limits.HASH_BALANCE_FACTOR_MIN:
@@ -220,7 +244,7 @@ def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
                                f" (or 0 for off), got {factor}")
     limits.at_most(key, "hash_balance_factor", factor, limits.HASH_BALANCE_FACTOR_MAX)
     warmup = parse_warmup(key, value["warmup"]) if "warmup" in value else Warmup()
-    return Pool(name=name, models=tuple(models), lb=lb, session_header=header,
+    return Pool(name=name, models=tuple(models), lb=lb, session_headers=headers,
                 hash_balance_factor=factor, warmup=warmup)
 
 
@@ -287,9 +311,13 @@ def pool_to_json(pool: Pool) -> dict[str, Any]:
     """The etcd value of a pool, with defaults left out so later default changes apply."""
     default = Pool(name=pool.name, models=pool.models)
     value: dict[str, Any] = {"models": list(pool.models)}
-    for name in ("lb", "session_header", "hash_balance_factor"):
+    for name in ("lb", "hash_balance_factor"):
         if getattr(pool, name) != getattr(default, name):
             value[name] = getattr(pool, name)
+    if len(pool.session_headers) > 1:
+        value["session_headers"] = list(pool.session_headers)
+    elif pool.session_headers != default.session_headers:
+        value["session_header"] = pool.session_headers[0]
     if pool.warmup != Warmup():
         warm: dict[str, Any] = {}
         for name in _WARMUP_FIELDS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -20,14 +22,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from control_plane import contract
 from control_plane.config import limits
 from control_plane.config.model import GatewaySettings
 from control_plane.translate.lua import render_lua_source
-from control_plane.xds.types import LISTENER_NAME, ROUTE_CONFIG_NAME
-
-# Set by the Lua filter on requests it answers itself: its replies are already
-# OpenAI-shaped JSON and must not be wrapped again.
-LUA_REPLY_HEADER = "x-hotpath-lua-reply"
 
 ACCESS_LOG_FORMAT = {
     "start": "%START_TIME%",
@@ -54,67 +52,64 @@ def _any(message: Message) -> any_pb2.Any:
     return packed
 
 
-def _error_mapper(status: int, message: str, error_type: str, code: str
+def _header(name: str, **match: Any) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(
+        header=route_components_pb2.HeaderMatcher(name=name, **match)))
+
+
+def _error_mapper(status: int, body_value: dict[str, Any], messages_api: bool
                   ) -> hcm_pb2.ResponseMapper:
+    """Envoy's own reply with ``status`` gets ``body_value`` as its JSON body, unless the Lua
+    filter made the reply (already shaped); ``messages_api`` selects /v1/messages requests
+    (Anthropic shape) or the others (OpenAI shape)."""
     body = struct_pb2.Struct()
-    body.update({"error": {"message": message, "type": error_type, "code": code}})
+    body.update(body_value)
+    filters = [
+        accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(default_value=status, runtime_key="hotpath.none"),
+            ))),
+        _header(contract.LUA_REPLY_HEADER, present_match=True, invert_match=True),
+        _header(":path", string_match={"prefix": contract.MESSAGES_PATH},
+                invert_match=not messages_api),
+    ]
     return hcm_pb2.ResponseMapper(
-        filter=accesslog_pb2.AccessLogFilter(
-            and_filter=accesslog_pb2.AndFilter(
-                filters=[
-                    accesslog_pb2.AccessLogFilter(
-                        status_code_filter=accesslog_pb2.StatusCodeFilter(
-                            comparison=accesslog_pb2.ComparisonFilter(
-                                op=accesslog_pb2.ComparisonFilter.EQ,
-                                value=base_pb2.RuntimeUInt32(default_value=status,
-                                                             runtime_key="hotpath.none"),
-                            )
-                        )
-                    ),
-                    accesslog_pb2.AccessLogFilter(
-                        header_filter=accesslog_pb2.HeaderFilter(
-                            header=route_components_pb2.HeaderMatcher(
-                                name=LUA_REPLY_HEADER, present_match=True, invert_match=True
-                            )
-                        )
-                    ),
-                ]
-            )
-        ),
+        filter=accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=filters)),
         body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
-            json_format=body
-        ),
+            json_format=body),
     )
 
 
 def local_reply_config(settings: GatewaySettings) -> hcm_pb2.LocalReplyConfig:
-    """Envoy's own replies, rewritten as OpenAI-shaped JSON errors (contract's error table)."""
+    """Envoy's own replies as JSON errors (the contract's error table): Anthropic-shaped on
+    /v1/messages, OpenAI-shaped everywhere else."""
     mib = settings.max_body_bytes / (1024 * 1024)
-    mappers = [
-        _error_mapper(400, "bad request: %LOCAL_REPLY_BODY%", "invalid_request_error",
-                      "bad_request"),
-        _error_mapper(404, "%LOCAL_REPLY_BODY%", "invalid_request_error", "not_found"),
-        _error_mapper(
-            413,
-            f"request body exceeds the limit of {settings.max_body_bytes} bytes ({mib:g} MiB)",
-            "invalid_request_error",
-            "request_too_large",
-        ),
-        _error_mapper(431, "request headers too large", "invalid_request_error",
-                      "headers_too_large"),
-        _error_mapper(
-            503,
-            "no endpoint of the pool serving %REQ(X-HOTPATH-MODEL)% is available "
-            "(%LOCAL_REPLY_BODY%)",
-            "server_error",
-            "no_healthy_upstream",
-        ),
-        _error_mapper(504, "upstream timeout (%LOCAL_REPLY_BODY%)", "server_error",
-                      "upstream_timeout"),
-        _error_mapper(502, "bad gateway (%LOCAL_REPLY_BODY%)", "server_error", "bad_gateway"),
-        _error_mapper(500, "internal error (%LOCAL_REPLY_BODY%)", "server_error",
-                      "internal_error"),
+    # status, message, OpenAI type, OpenAI code, Anthropic type
+    errors = [
+        (400, "bad request: %LOCAL_REPLY_BODY%", "invalid_request_error", "bad_request",
+         "invalid_request_error"),
+        (404, "%LOCAL_REPLY_BODY%", "invalid_request_error", "not_found", "not_found_error"),
+        (413, f"request body exceeds the limit of {settings.max_body_bytes} bytes "
+              f"({mib:g} MiB)", "invalid_request_error", "request_too_large",
+         "request_too_large"),
+        (431, "request headers too large", "invalid_request_error", "headers_too_large",
+         "invalid_request_error"),
+        (503, "no endpoint of the pool serving %REQ(X-HOTPATH-MODEL)% is available "
+              "(%LOCAL_REPLY_BODY%)", "server_error", "no_healthy_upstream",
+         "overloaded_error"),
+        (504, "upstream timeout (%LOCAL_REPLY_BODY%)", "server_error", "upstream_timeout",
+         "api_error"),
+        (502, "bad gateway (%LOCAL_REPLY_BODY%)", "server_error", "bad_gateway", "api_error"),
+        (500, "internal error (%LOCAL_REPLY_BODY%)", "server_error", "internal_error",
+         "api_error"),
     ]
+    mappers = []
+    for status, message, openai_type, code, anthropic_type in errors:
+        mappers.append(_error_mapper(status, {"type": "error", "error": {
+            "type": anthropic_type, "message": message}}, messages_api=True))
+        mappers.append(_error_mapper(status, {"error": {
+            "message": message, "type": openai_type, "code": code}}, messages_api=False))
     return hcm_pb2.LocalReplyConfig(mappers=mappers)
 
 
@@ -140,7 +135,7 @@ def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
         stat_prefix="hotpath",
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(
-            route_config_name=ROUTE_CONFIG_NAME,
+            route_config_name=contract.ROUTE_CONFIG_NAME,
             config_source=config_source_pb2.ConfigSource(
                 ads=config_source_pb2.AggregatedConfigSource(),
                 resource_api_version=config_source_pb2.V3,
@@ -172,7 +167,7 @@ def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
         merge_slashes=True,
     )
     return listener_pb2.Listener(
-        name=LISTENER_NAME,
+        name=contract.LISTENER_NAME,
         address=address_pb2.Address(
             socket_address=address_pb2.SocketAddress(
                 address=settings.listen_address, port_value=settings.listen_port

@@ -7,6 +7,7 @@ the gateway-wide config as the global HOTPATH_CONFIG, both read by lua/filter.lu
 from collections.abc import Mapping
 from typing import TypeAlias
 
+from control_plane import contract
 from control_plane.runtime.assets import asset_text
 
 LuaValue: TypeAlias = str | int | bool | Mapping[str, "LuaValue"]
@@ -50,7 +51,14 @@ def render_lua_source(max_body_bytes: int) -> str:
     """The complete inline Lua for the filter. It holds no pool config: that is route metadata."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
-    config: dict[str, LuaValue] = {"max_body_bytes": max_body_bytes}
+    config: dict[str, LuaValue] = {
+        "max_body_bytes": max_body_bytes,
+        "model_header": contract.MODEL_HEADER,
+        "session_header_internal": contract.SESSION_HEADER,
+        "lua_reply_header": contract.LUA_REPLY_HEADER,
+        "session_echo_header": contract.SESSION_ECHO_HEADER,
+        "metadata_namespace": contract.LUA_METADATA_NS,
+    }
     return (
         f"HOTPATH = (function()\n{lua_asset('hotpath.lua')}\nend)()\n"
         f"HOTPATH_CONFIG = {lua_literal(config)}\n"

@@ -30,11 +30,15 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from control_plane.config import limits
 from control_plane.config.model import GatewaySettings, Pool
-from control_plane.xds.types import ROUTE_CONFIG_NAME
+from control_plane.contract import (
+    LUA_METADATA_NS,
+    MODEL_HEADER,
+    MODELS_PATH,
+    ROUTE_CONFIG_NAME,
+    ROUTED_PATHS,
+    SESSION_HEADER,
+)
 
-LUA_FILTER = "envoy.filters.http.lua"
-MODEL_HEADER = "x-hotpath-model"
-SESSION_HEADER = "x-hotpath-session"
 # Retries only where the request never reached a model server's generation: a connect
 # failure, a refused stream or a reset before any response header. They go to another host.
 RETRY_ON = "connect-failure,refused-stream,reset"
@@ -86,8 +90,11 @@ def _retry_policy() -> route_components_pb2.RetryPolicy:
 def _route_metadata(pool: Pool) -> base_pb2.Metadata:
     """What the Lua filter reads once it has picked the route by model."""
     metadata = base_pb2.Metadata()
-    metadata.filter_metadata[LUA_FILTER].update(
-        {"pool": pool.name, "session_header": pool.session_header})
+    # session_headers is the ordered list the filter tries; session_header (its first) is
+    # what a filter of the previous version reads.
+    metadata.filter_metadata[LUA_METADATA_NS].update(
+        {"pool": pool.name, "session_header": pool.session_headers[0],
+         "session_headers": list(pool.session_headers)})
     return metadata
 
 
@@ -100,7 +107,7 @@ def _models_route(pools: list[Pool]) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name="models",
         match=route_components_pb2.RouteMatch(
-            path="/v1/models",
+            path=MODELS_PATH,
             headers=[route_components_pb2.HeaderMatcher(name=":method",
                                                         string_match={"exact": "GET"})],
         ),
@@ -198,8 +205,8 @@ def build_route_configuration(
             "the requested model is not served by any pool",
         ),
         _not_found("no-route", route_components_pb2.RouteMatch(prefix="/"),
-                   "no route for this path; hotpath serves /v1/chat/completions, "
-                   "/v1/completions and /v1/models"),
+                   "no route for this path; hotpath serves POST "
+                   + ", ".join(ROUTED_PATHS) + f" and GET {MODELS_PATH}"),
     ]
     vhost = route_components_pb2.VirtualHost(name="hotpath", domains=["*"],
                                              retry_policy=_retry_policy())

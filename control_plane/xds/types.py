@@ -10,5 +10,8 @@ PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 SHORT_NAMES = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS"}
 
-LISTENER_NAME = "hotpath"
-ROUTE_CONFIG_NAME = "hotpath"
+
+def ads_api_type(delta: bool) -> str:
+    """The bootstrap's ``ads_config.api_type``: the control plane serves both on one port,
+    state of the world (GRPC) and incremental (DELTA_GRPC); each Envoy picks one."""
+    return "DELTA_GRPC" if delta else "GRPC"

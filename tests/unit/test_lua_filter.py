@@ -210,7 +210,11 @@ def test_render_is_module_config_filter_and_deterministic() -> None:
     runtime = luajit21.LuaRuntime(encoding=None)
     runtime.execute(source.encode())
     config = runtime.globals().HOTPATH_CONFIG
-    assert dict(config.items()) == {b"max_body_bytes": 123}
+    assert dict(config.items()) == {
+        b"max_body_bytes": 123, b"model_header": b"x-hotpath-model",
+        b"session_header_internal": b"x-hotpath-session",
+        b"lua_reply_header": b"x-hotpath-lua-reply", b"session_echo_header": b"x-session-id",
+        b"metadata_namespace": b"envoy.filters.http.lua"}
 
 
 def test_render_rejects_a_non_positive_limit() -> None:

@@ -76,7 +76,7 @@ def test_pool_defaults_applied() -> None:
     parsed = parse_pool(POOL_KEY, "chat", b'{"models": ["llama"]}')
     assert parsed == Pool(name="chat", models=("llama",))
     assert parsed.lb == "ring_hash"
-    assert parsed.session_header == "x-session-id"
+    assert parsed.session_headers == ("x-session-id",)
     assert parsed.hash_balance_factor == 150
     assert parsed.warmup == Warmup()
     assert parsed.warmup.path == "/v1/chat/completions"
@@ -103,7 +103,7 @@ def test_pool_all_fields_set() -> None:
                    "timeout_s": 2.5, "cold_ttft_ms": 500},
     })
     assert parsed == Pool(
-        name="chat", models=("a", "b"), lb="maglev", session_header="x-conversation",
+        name="chat", models=("a", "b"), lb="maglev", session_headers=("x-conversation",),
         hash_balance_factor=0,
         warmup=Warmup(path="/v1/completions", body={"prompt": "hi"}, interval_s=1.0,
                       timeout_s=2.5, cold_ttft_ms=500.0),
@@ -192,6 +192,16 @@ def test_config_error_carries_key_and_reason() -> None:
          "pools/chat: session_header 'x-hotpath-session' is reserved for the gateway"),
         ({"models": ["m"], "session_header": "x-hotpath-model"},
          "pools/chat: session_header 'x-hotpath-model' is reserved for the gateway"),
+        ({"models": ["m"], "session_headers": ["x-a", "x-hotpath-session"]},
+         "pools/chat: session_headers 'x-hotpath-session' is reserved for the gateway"),
+        ({"models": ["m"], "session_headers": []},
+         "pools/chat: session_headers must be a list of 1-8 header names, got []"),
+        ({"models": ["m"], "session_headers": "x-a"},
+         'pools/chat: session_headers must be a list of 1-8 header names, got "x-a"'),
+        ({"models": ["m"], "session_headers": ["x-a", "x-a"]},
+         "pools/chat: session_headers lists a header twice"),
+        ({"models": ["m"], "session_headers": ["x-a"], "session_header": "x-b"},
+         "pools/chat: give session_header or session_headers, not both"),
         ({"models": ["m"], "warmup": 5}, "pools/chat: warmup must be an object, got 5"),
         ({"models": ["m"], "warmup": {"path": ""}},
          'pools/chat: warmup.path must be a non-empty string, got ""'),
@@ -222,7 +232,7 @@ def test_pool_validation_messages(value: Any, message: str) -> None:
 def test_pool_unknown_fields_named() -> None:
     assert pool_error({"models": ["m"], "modles": 1, "hash_balance": 2}) == (
         "pools/chat: unknown field(s) hash_balance, modles "
-        "(allowed: models, lb, session_header, hash_balance_factor, warmup)"
+        "(allowed: models, lb, session_header, session_headers, hash_balance_factor, warmup)"
     )
 
 
@@ -470,7 +480,8 @@ _pools = st.builds(
     name=st.from_regex(NAME_RE, fullmatch=True),
     models=st.lists(_model_names, min_size=1, max_size=4, unique=True).map(tuple),
     lb=st.sampled_from(["ring_hash", "maglev", "round_robin", "least_request"]),
-    session_header=st.sampled_from(["x-session-id", "x-conversation", "session"]),
+    session_headers=st.lists(st.sampled_from(["x-session-id", "x-conversation", "session"]),
+                             min_size=1, max_size=3, unique=True).map(tuple),
     hash_balance_factor=st.sampled_from([0, 100, 150, 250]),
     warmup=_warmups,
 )

@@ -37,7 +37,7 @@ from control_plane.translate.routes import (
     SESSION_HEADER,
     build_route_configuration,
 )
-from control_plane.xds.types import LISTENER_NAME, ROUTE_CONFIG_NAME
+from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
 from tests.unit.builders import build_cluster, build_load_assignment
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -46,7 +46,8 @@ LUA_PLACEHOLDER = "<inline lua source: see test_listener_lua_source>"
 NOW = 1_700_000_000.0
 
 CHAT = Pool(name="chat", models=("llama-3-8b", "llama-3-8b-instruct"))
-CODE = Pool(name="code", models=("qwen-coder",), lb="maglev", session_header="x-conversation",
+CODE = Pool(name="code", models=("qwen-coder",), lb="maglev",
+            session_headers=("x-conversation",),
             hash_balance_factor=0)
 EMBED = Pool(name="embed", models=("bge-small",), lb="round_robin")
 
@@ -429,7 +430,8 @@ def test_listener_does_not_depend_on_pools() -> None:
 def test_model_routes_carry_pool_and_session_header_for_the_lua_filter() -> None:
     routes = model_routes(build_route_configuration([CHAT, CODE], GatewaySettings()))
     meta = routes["qwen-coder"].metadata.filter_metadata["envoy.filters.http.lua"]
-    assert dict(meta) == {"pool": "code", "session_header": "x-conversation"}
+    assert dict(meta) == {"pool": "code", "session_header": "x-conversation",
+                          "session_headers": ["x-conversation"]}
 
 
 def test_models_route_lists_every_model_sorted() -> None:

@@ -192,7 +192,7 @@ def _short(type_urls: set[str]) -> set[str]:
                                                "code": CODE})), {"CDS"}),
         # A new session header: route metadata (RDS) only; the listener never changes.
         (lambda: resources(make_config(pools={
-            "chat": dataclasses.replace(CHAT, session_header="x-conv"), "code": CODE})),
+            "chat": dataclasses.replace(CHAT, session_headers=("x-conv",)), "code": CODE})),
          {"RDS"}),
         # A new model: routes (RDS) only.
         (lambda: resources(make_config(pools={
@@ -275,3 +275,60 @@ def test_snapshot_named_and_version() -> None:
     assert [a.cluster_name for a in named] == ["code"]  # type: ignore[attr-defined]
     assert snapshot.named(types.ENDPOINT, frozenset()) == []
     assert Snapshot().named(types.CLUSTER, None) == []
+
+
+# --- per-resource versions and the memoized Translator --------------------------------------
+
+
+def test_a_change_in_one_pool_keeps_the_other_pools_resource_versions() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 1)
+    moved = builder.update(resources(resolved={**RESOLVED, ("chat", "gpu-0"): "10.0.0.9"}), 2)
+    assert first and moved
+    assert moved.resource_version(types.ENDPOINT, "code") == first.resource_version(
+        types.ENDPOINT, "code")
+    assert moved.resource_version(types.ENDPOINT, "chat", ).startswith("2-")  # type: ignore[union-attr]
+    assert moved.resource_version(types.ENDPOINT, "gone") is None
+
+
+def test_translator_rebuilds_only_the_pools_whose_inputs_changed() -> None:
+    from control_plane.translate.resources import Translator
+
+    translator = Translator()
+
+    def run(config: Config) -> dict[str, dict[str, Message]]:
+        return translator.translate(config, lambda e: RESOLVED.get((e.pool, e.id)), SETTINGS,
+                                    NOW)
+
+    first = run(make_config())
+    assert translator.rebuilt_pools == 2
+    again = run(make_config())  # equal inputs, other objects: nothing rebuilt
+    assert translator.rebuilt_pools == 2
+    assert again[types.CLUSTER]["chat"] is first[types.CLUSTER]["chat"]
+    assert again[types.ROUTE]["hotpath"] is first[types.ROUTE]["hotpath"]
+    changed = make_config(endpoints={
+        "chat": {"gpu-0": Endpoint("chat", "gpu-0", "10.0.0.1", 8000, weight=2)},
+        "code": {"c-0": Endpoint("code", "c-0", "10.0.1.1", 9000)}})
+    out = run(changed)
+    assert translator.rebuilt_pools == 3
+    assert out[types.ENDPOINT]["code"] is first[types.ENDPOINT]["code"]
+    assert out == translate(changed, RESOLVED, SETTINGS, NOW)
+
+
+def test_translator_says_when_a_status_goes_stale_and_rebuilds_then() -> None:
+    from control_plane.translate.resources import Translator
+    from control_plane.translate.warmth import stale_after_s
+
+    translator = Translator()
+    status = Status("chat", "gpu-0", WarmState.DOWN, None, NOW)
+    config = make_config(statuses={"chat": {"gpu-0": status}})
+    before = translator.translate(config, lambda e: RESOLVED.get((e.pool, e.id)), SETTINGS, NOW)
+    deadline = NOW + stale_after_s(CHAT.warmup.interval_s)
+    assert translator.next_change() == deadline
+    same = translator.translate(config, lambda e: RESOLVED.get((e.pool, e.id)), SETTINGS,
+                                deadline)
+    assert same[types.ENDPOINT]["chat"] is before[types.ENDPOINT]["chat"]
+    stale = translator.translate(config, lambda e: RESOLVED.get((e.pool, e.id)), SETTINGS,
+                                 deadline + 0.01)
+    assert stale[types.ENDPOINT]["chat"] != before[types.ENDPOINT]["chat"]  # down -> warm
+    assert translator.next_change() == float("inf")
