@@ -28,9 +28,11 @@ from control_plane.store.apply import apply_document, export_document, read_text
 
 async def cmd_pool_put(args: argparse.Namespace, _: Shutdown) -> int:
     value: dict[str, Any] = {"models": args.model}
-    for name in ("lb", "session_header", "hash_balance_factor"):
+    for name in ("lb", "hash_balance_factor"):
         if getattr(args, name) is not None:
             value[name] = getattr(args, name)
+    if args.session_header:
+        value["session_headers"] = args.session_header
     if args.warmup is not None:
         try:
             value["warmup"] = json.loads(args.warmup)
@@ -65,7 +67,9 @@ def configure_pool(p: argparse.ArgumentParser) -> None:
     put.add_argument("name")
     put.add_argument("--model", action="append", required=True, help="model name (repeatable)")
     put.add_argument("--lb", choices=LB_POLICIES)
-    put.add_argument("--session-header", dest="session_header")
+    put.add_argument("--session-header", dest="session_header", action="append",
+                     help="header whose value is the session key (repeatable: the first "
+                          "present wins; default x-session-id)")
     put.add_argument("--hash-balance-factor", dest="hash_balance_factor", type=int)
     put.add_argument("--warmup", help="warmup settings as a JSON object")
     ls = actions.add_parser("list", help="list pools (JSON lines)")
