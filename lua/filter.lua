@@ -10,7 +10,6 @@ local SESSION_HEADER = CONFIG.session_header_internal or "x-hotpath-session"
 -- respond() replies pass through the connection manager's local_reply_config; its mappers
 -- skip requests carrying this header, so the filter's JSON body goes out unchanged.
 local LUA_REPLY_HEADER = CONFIG.lua_reply_header or "x-hotpath-lua-reply"
-local SESSION_ECHO_HEADER = CONFIG.session_echo_header or "x-session-id"
 local METADATA_NS = CONFIG.metadata_namespace or "envoy.filters.http.lua"
 local INTERNAL_HEADERS = { MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER }
 
@@ -65,18 +64,15 @@ function envoy_on_request(handle)
   if result then
     headers:replace(MODEL_HEADER, result.model)
     headers:replace(SESSION_HEADER, result.session)
-    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session", result.session)
+    -- The key leaves Envoy (access-log stream) only hashed: keys may be user ids. The echo
+    -- (x-session-id) is a route response header formatted from the request header, so the
+    -- filter has no response path at all.
+    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session_hash",
+      HOTPATH.hash(result.session))
   end
   -- The route was picked and cached before this filter ran, from the original headers; the
   -- lookup re-picked it, and a request with forged internal headers removed needs it too.
   if spoofed and not looked_up then
     handle:clearRouteCache()
-  end
-end
-
-function envoy_on_response(handle)
-  local meta = handle:streamInfo():dynamicMetadata():get(METADATA_NS)
-  if meta and meta.session then
-    handle:headers():replace(SESSION_ECHO_HEADER, meta.session)
   end
 end

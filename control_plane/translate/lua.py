@@ -56,7 +56,6 @@ def render_lua_source(max_body_bytes: int) -> str:
         "model_header": contract.MODEL_HEADER,
         "session_header_internal": contract.SESSION_HEADER,
         "lua_reply_header": contract.LUA_REPLY_HEADER,
-        "session_echo_header": contract.SESSION_ECHO_HEADER,
         "metadata_namespace": contract.LUA_METADATA_NS,
     }
     return (

@@ -36,6 +36,7 @@ from control_plane.contract import (
     MODELS_PATH,
     ROUTE_CONFIG_NAME,
     ROUTED_PATHS,
+    SESSION_ECHO_HEADER,
     SESSION_HEADER,
 )
 
@@ -222,5 +223,10 @@ def build_route_configuration(
         # Client copies of the internal headers are stripped by the Lua filter; never echo
         # them back either.
         response_headers_to_remove=[MODEL_HEADER, SESSION_HEADER],
+        # The session key used, echoed from the request header the filter set: a native
+        # formatter, so the Lua filter needs no response path.
+        response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=SESSION_ECHO_HEADER, value=f"%REQ({SESSION_HEADER})%"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
         max_direct_response_body_size_bytes={"value": _direct_response_limit(fallback)},
     )

@@ -238,3 +238,25 @@ async def test_envoy_replies_on_messages_are_anthropic_shaped(stack: Stack,
 
 async def _is(status: Any, wanted: int) -> bool:
     return bool(await status() == wanted)
+
+
+async def test_session_headers_first_present_wins(stack: Stack, agents: AgentUpstreams) -> None:
+    await stack.put("pools/other", {"models": ["other-model"],
+                                    "session_headers": ["x-agent-session", "x-session-id"]})
+    body = {"model": "other-model", "max_tokens": 1,
+            "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as session:
+        async def echo(headers: dict[str, str]) -> str | None:
+            async with session.post(f"{stack.url}/v1/messages", json=body,
+                                    headers=headers) as reply:
+                return reply.headers.get("x-session-id") if reply.status == 200 else None
+
+        both = {"x-agent-session": "agent-7", "x-session-id": "plain-7"}
+        await async_wait_for(lambda: _equals(echo(both), "agent-7"), 30,
+                             "the pool's session_headers in Envoy")
+        assert await echo({"x-session-id": "plain-7"}) == "plain-7"
+        assert await echo({"x-agent-session": "agent-8"}) == "agent-8"
+
+
+async def _equals(value: Any, wanted: str) -> bool:
+    return bool(await value == wanted)
