@@ -3,11 +3,32 @@
 Pure. The etcd adapter (or the in-memory store) feeds puts and deletes; a value that does
 not validate is rejected and the previous good value for that key stays in force, while
 every other key keeps updating. ``config()`` gives the translated view.
+
+The rules, as a pure function of each key's history since it was (last) created, so that a
+control plane that followed every event and one that restarted and read etcd's history
+agree:
+
+- Any bytes as a key or value are either a valid value or one rejected key: parsing never
+  raises (deep nesting, huge numbers, bad UTF-8 and any other failure become a rejection
+  naming the key).
+- Endpoints and statuses: the value in force is the newest value in the key's history that
+  validates. A refused value changes nothing.
+- Pools (a model belongs to one pool): pools are settled in the order their keys were
+  created (etcd ``create_revision``, then key name for keys created in one transaction).
+  The older pool keeps a model: each pool's value in force is the newest value in its
+  history that validates and claims no model of an older pool in force. So a younger
+  pool's conflicting claim is refused, live and after a restart alike; when an older pool
+  is edited to claim a younger pool's model, the older wins and the younger falls back to
+  its newest earlier value that does not conflict (or is out, with the conflict reported,
+  if none). Every pool change settles every pool again, so a refused pool comes in as soon
+  as the model is free. A refused value never changes the config in force.
+- A delete ends a key's history; a key created again starts a new one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from control_plane.config.model import (
     Config,
@@ -21,6 +42,8 @@ from control_plane.config.model import (
 )
 from control_plane.errors import ConfigError
 
+Parsed = Pool | Endpoint | Status
+
 
 @dataclass(frozen=True)
 class Rejection:
@@ -30,16 +53,58 @@ class Rejection:
     message: str
 
 
+@dataclass
+class _Key:
+    raw: bytes
+    created: int
+    modified: int
+    # The latest value, parsed, or the message saying why it does not validate.
+    latest: Parsed | str
+    # Earlier values that validate, newest first, as (mod_revision, value). Pools keep every
+    # distinct one (an older pool's later claim may push a pool back to an earlier value);
+    # endpoints and statuses only the newest.
+    history: list[tuple[int, Parsed]] = field(default_factory=list)
+
+
+def parse_value(key: str, value: bytes) -> Parsed:
+    """The value of ``key`` (relative to the prefix), validated; ConfigError otherwise.
+
+    Never raises anything else: whatever goes wrong while parsing is that key's rejection.
+    """
+    parts = key.split("/")
+    kind = parts[0]
+    try:
+        if kind == "pools" and len(parts) == 2:
+            return parse_pool(key, parts[1], value)
+        if kind == "endpoints" and len(parts) == 3:
+            return parse_endpoint(key, parts[1], parts[2], value)
+        if kind == "status" and len(parts) == 3:
+            return parse_status(key, parts[1], parts[2], value)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(key, "value is nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is this key's rejection
+        raise ConfigError(key, f"value cannot be used ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
+    raise ConfigError(
+        key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id> or status/<pool>/<id>)"
+    )
+
+
+def _is_pool(key: str) -> bool:
+    return key.startswith("pools/") and key.count("/") == 1
+
+
 class ConfigState:
     """Last-good values keyed by the key relative to the prefix (``pools/chat``)."""
 
     def __init__(self) -> None:
+        self._keys: dict[str, _Key] = {}
         self._pools: dict[str, Pool] = {}
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self._statuses: dict[tuple[str, str], Status] = {}
         self._rejected: dict[str, str] = {}
-        self._seen: dict[str, bytes] = {}
-        self._seen_at: dict[str, int] = {}
         self.revision = 0
 
     @property
@@ -49,87 +114,189 @@ class ConfigState:
 
     def keys(self) -> set[str]:
         """Every key with a value, accepted or not."""
-        return set(self._seen)
+        return set(self._keys)
 
     def raw(self, key: str) -> bytes | None:
         """The latest value seen for a key, accepted or not."""
-        return self._seen.get(key)
+        entry = self._keys.get(key)
+        return None if entry is None else entry.raw
 
-    def apply(self, key: str, value: bytes | None, revision: int = 0) -> Rejection | None:
-        """Apply a put (value) or a delete (None). Returns the rejection, if any."""
+    def created(self, key: str) -> int | None:
+        """The key's create_revision as given (None: no value)."""
+        entry = self._keys.get(key)
+        return None if entry is None else entry.created
+
+    def modified(self, key: str) -> int | None:
+        """The mod_revision of the key's latest value as given (None: no value)."""
+        entry = self._keys.get(key)
+        return None if entry is None else entry.modified
+
+    def apply(self, key: str, value: bytes | None, revision: int = 0,
+              created: int | None = None) -> Rejection | None:
+        """Apply a put (value) or a delete (None) seen at ``revision``; ``created`` is the
+        key's create_revision (default: kept from the key's earlier value, else
+        ``revision``). Returns the key's rejection, if any."""
+        self._put(key, value, revision, created)
+        return self._settle(key)
+
+    def apply_all(self, items: Iterable[tuple[str, bytes | None, int, int | None]]) -> None:
+        """Apply many (key, value, revision, created) at once (a re-list), settling the
+        pools once; the outcome does not depend on the order of ``items``."""
+        pools = False
+        for key, value, revision, created in items:
+            self._put(key, value, revision, created)
+            if _is_pool(key):
+                pools = True
+            else:
+                self._settle_one(key)
+        if pools:
+            self._settle_pools()
+
+    def refuse(self, key: str, value: bytes, message: str, revision: int = 0,
+               created: int | None = None) -> Rejection:
+        """Record a value refused before parsing (a key that is not valid UTF-8);
+        ``message`` names the key. A later delete of ``key`` clears it."""
         self.revision = max(self.revision, revision)
-        if value is None:
-            self._seen.pop(key, None)
-            self._seen_at.pop(key, None)
-        else:
-            self._seen[key] = value
-            self._seen_at[key] = revision
-        rejection = self._try(key, value)
-        if key.startswith("pools/") and rejection is None:
-            self._retry_refused_pools()
-        return rejection
+        old = self._keys.get(key)
+        if created is None:
+            created = old.created if old is not None else revision
+        self._keys[key] = _Key(raw=value, created=created, modified=revision, latest=message)
+        self._settle(key)
+        return Rejection(key=key, message=message)
+
+    def wants_history(self, key: str) -> bool:
+        """Whether values of ``key`` older than its latest (from etcd's history) could
+        change what is in force: always for a pool (an older pool's later claim may push it
+        back to one), else only while the latest is refused."""
+        entry = self._keys.get(key)
+        if entry is None:
+            return False
+        return _is_pool(key) or isinstance(entry.latest, str)
+
+    def remember(self, key: str, value: bytes, mod_revision: int) -> bool:
+        """Add an earlier value of ``key`` read from etcd's history (walking back from the
+        latest). Returns whether still earlier values could matter: for a pool always, else
+        until one that validates is found."""
+        entry = self._keys.get(key)
+        if entry is None:
+            return False
+        try:
+            parsed = parse_value(key, value)
+        except ConfigError:
+            return True
+        self._add_history(key, entry, mod_revision, parsed)
+        self._settle(key)
+        return _is_pool(key)
 
     def in_force(self, key: str) -> bool:
         """Whether some value of this key (its latest or an earlier good one) is in force."""
         parts = key.split("/")
         if parts[0] == "pools" and len(parts) == 2:
-            return parts[1] in self._pools
+            return parts[1] in self._pools and key in self._keys
         if parts[0] == "endpoints" and len(parts) == 3:
             return (parts[1], parts[2]) in self._endpoints
         if parts[0] == "status" and len(parts) == 3:
             return (parts[1], parts[2]) in self._statuses
         return False
 
-    def restore(self, key: str, value: bytes) -> bool:
-        """Put an earlier value of a refused key in force (read from etcd's history after a
-        restart); the latest value stays reported as refused. False if it does not validate."""
-        try:
-            self._apply(key, value)
-        except ConfigError:
-            return False
-        return True
+    # -- internals -----------------------------------------------------------------------
 
-    def _try(self, key: str, value: bytes | None) -> Rejection | None:
+    def _put(self, key: str, value: bytes | None, revision: int, created: int | None) -> None:
+        self.revision = max(self.revision, revision)
+        old = self._keys.pop(key, None)
+        if value is None:
+            return
+        if created is None:
+            created = old.created if old is not None else revision
+        entry = _Key(raw=value, created=created, modified=revision, latest="")
         try:
-            self._apply(key, value)
+            entry.latest = parse_value(key, value)
         except ConfigError as exc:
-            self._rejected[key] = str(exc)
-            return Rejection(key=key, message=str(exc))
-        self._rejected.pop(key, None)
-        return None
+            entry.latest = str(exc)
+        if old is not None and old.created == created:
+            entry.history = old.history
+            if not isinstance(old.latest, str):
+                self._add_history(key, entry, old.modified, old.latest)
+        self._keys[key] = entry
 
-    def _retry_refused_pools(self) -> None:
-        """A pool refused for a model another pool owned may apply once that pool changed."""
-        refused = [k for k in self._rejected if k.startswith("pools/") and k in self._seen]
-        # In write order: the pool that asked first gets the model, as on a fresh read.
-        for key in sorted(refused, key=lambda k: (self._seen_at.get(k, 0), k)):
-            self._try(key, self._seen[key])
+    @staticmethod
+    def _add_history(key: str, entry: _Key, mod_revision: int, parsed: Parsed) -> None:
+        history = entry.history
+        if not _is_pool(key):
+            if not history or history[0][0] <= mod_revision:
+                entry.history = [(mod_revision, parsed)]
+            return
+        for index, (at, value) in enumerate(history):
+            if value == parsed:
+                if at >= mod_revision:
+                    return  # a newer copy of the same value is known
+                del history[index]
+                break
+        history.append((mod_revision, parsed))
+        history.sort(key=lambda item: -item[0])
 
-    def _apply(self, key: str, value: bytes | None) -> None:
+    def _settle(self, key: str) -> Rejection | None:
+        if _is_pool(key):
+            self._settle_pools()
+        else:
+            self._settle_one(key)
+        message = self._rejected.get(key)
+        return None if message is None else Rejection(key=key, message=message)
+
+    def _settle_one(self, key: str) -> None:
+        entry = self._keys.get(key)
         parts = key.split("/")
-        kind = parts[0]
-        if kind == "pools" and len(parts) == 2:
-            if value is None:
-                self._pools.pop(parts[1], None)
-                return
-            pool = parse_pool(key, parts[1], value)
-            check_models_free(key, pool, self._pools.values())
-            self._pools[pool.name] = pool
-        elif kind == "endpoints" and len(parts) == 3:
-            if value is None:
-                self._endpoints.pop((parts[1], parts[2]), None)
-                return
-            self._endpoints[(parts[1], parts[2])] = parse_endpoint(key, parts[1], parts[2], value)
-        elif kind == "status" and len(parts) == 3:
-            if value is None:
-                self._statuses.pop((parts[1], parts[2]), None)
-                return
-            self._statuses[(parts[1], parts[2])] = parse_status(key, parts[1], parts[2], value)
-        elif value is not None:
-            raise ConfigError(
-                key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id> or "
-                "status/<pool>/<id>)"
-            )
+        table: dict[tuple[str, str], Endpoint] | dict[tuple[str, str], Status] | None = None
+        if len(parts) == 3 and parts[0] == "endpoints":
+            table = self._endpoints
+        elif len(parts) == 3 and parts[0] == "status":
+            table = self._statuses
+        if entry is None or not isinstance(entry.latest, str):
+            self._rejected.pop(key, None)
+        else:
+            self._rejected[key] = entry.latest
+        if table is None:
+            return
+        value: Parsed | None = None
+        if entry is not None:
+            if not isinstance(entry.latest, str):
+                value = entry.latest
+            elif entry.history:
+                value = entry.history[0][1]
+        if value is None:
+            table.pop((parts[1], parts[2]), None)
+        else:
+            table[(parts[1], parts[2])] = value  # type: ignore[assignment]
+
+    def _settle_pools(self) -> None:
+        """Every pool again, oldest key first: the older pool keeps a model."""
+        order = sorted((entry.created, key) for key, entry in self._keys.items()
+                       if _is_pool(key))
+        pools: dict[str, Pool] = {}
+        for _, key in order:
+            entry = self._keys[key]
+            candidates = [] if isinstance(entry.latest, str) else [entry.latest]
+            candidates += [value for _, value in entry.history]
+            conflict: str | None = None
+            for candidate in candidates:
+                assert isinstance(candidate, Pool)
+                try:
+                    check_models_free(key, candidate, pools.values())
+                except ConfigError as exc:
+                    if candidate is entry.latest:
+                        conflict = str(exc)
+                    continue
+                pools[candidate.name] = candidate
+                break
+            if isinstance(entry.latest, str):
+                self._rejected[key] = entry.latest
+            elif conflict is not None:
+                self._rejected[key] = conflict
+            else:
+                self._rejected.pop(key, None)
+        for key in [k for k in self._rejected if _is_pool(k) and k not in self._keys]:
+            del self._rejected[key]
+        self._pools = pools
 
     def config(self) -> Config:
         endpoints: dict[str, dict[str, Endpoint]] = {}

@@ -21,25 +21,27 @@ from control_plane.config.file import ApplyResult, Change, Desired, Stored, plan
 from control_plane.config.model import endpoint_to_json, pool_to_json
 from control_plane.config.state import ConfigState
 from control_plane.errors import ApplyError, ConfigFileError
-from control_plane.store.etcd import EtcdSettings, etcd_client
+from control_plane.store.etcd import Entry, EtcdSettings, etcd_client, feed, list_entries
 
 # Attempts when another writer changes pools/ or endpoints/ between the read and the write.
 MAX_ATTEMPTS = 5
 
 
+async def _read_entries(client: Etcd3Client, settings: EtcdSettings
+                        ) -> tuple[int, list[Entry]]:
+    """pools/ and endpoints/ entries with usable keys; a key that is not UTF-8 text is the
+    control plane's rejection, not something apply can plan for."""
+    revision, entries = await list_entries(client, settings)
+    return revision, [entry for entry in entries if isinstance(entry.key, str)
+                      and entry.key.startswith(("pools/", "endpoints/"))]
+
+
 async def read_stored(client: Etcd3Client, settings: EtcdSettings
                       ) -> tuple[int, dict[str, Stored]]:
     """(revision, {key relative to the prefix: Stored}) for pools/ and endpoints/."""
-    assert client.kv is not None
-    name = settings.prefix
-    reply = await client.kv.get(name, range_end=prefix_range_end(name), timeout=10)
-    stored = {}
-    for kv in reply.kvs:
-        key = kv.key.decode()[len(name):]
-        if key.startswith(("pools/", "endpoints/")):
-            stored[key] = Stored(raw=bytes(kv.value), mod_revision=int(kv.mod_revision),
-                                 lease=int(kv.lease))
-    return int(reply.header.revision), stored
+    revision, entries = await _read_entries(client, settings)
+    return revision, {entry.name: Stored(raw=entry.value, mod_revision=entry.mod_revision,
+                                         lease=entry.lease) for entry in entries}
 
 
 async def _transact(client: Etcd3Client, settings: EtcdSettings, revision: int,
@@ -108,12 +110,13 @@ async def export_document(settings: EtcdSettings, include_leased: bool = False
     ``include_leased`` (applying them would pin a registration that should expire).
     """
     async with etcd_client(settings) as client:
-        revision, stored = await read_stored(client, settings)
+        revision, entries = await _read_entries(client, settings)
+    stored = {entry.name: Stored(raw=entry.value, mod_revision=entry.mod_revision,
+                                 lease=entry.lease) for entry in entries}
     state = ConfigState()
-    # In write order, so a model claimed twice stays with its first pool, as in the
-    # control plane.
-    for key, item in sorted(stored.items(), key=lambda entry: entry[1].mod_revision):
-        state.apply(key, item.raw, item.mod_revision)
+    # Settled by create revision, so a model claimed twice stays with the older pool, as
+    # in the control plane.
+    feed(state, entries)
     notes = [f"left out {reason}" for _, reason in sorted(state.rejected.items())]
     config = state.config()
     endpoints: dict[str, dict[str, Any]] = {}

@@ -3,6 +3,17 @@
 ``follow`` lists the prefix, then watches it from the next revision. A compacted or
 cancelled watch leads to a re-list that keeps the last good value of keys whose new value
 is bad; an unreachable etcd is retried with backoff while Envoy keeps its last config.
+
+A re-list reads the earlier values of keys from etcd's history (one get at the revision
+before each value, back to the last compaction, the key's creation or what is already
+known), so a restarted control plane keeps the same last good values as one that saw every
+event (state.py has the rules). Any key under the prefix, whatever its bytes, is a value
+or one rejected key: a key that is not UTF-8 is reported with its bytes escaped.
+
+One retry policy (``Backoff``: 0.1 s doubling to 1 s, jittered) serves the follower, leased
+registrations and the prober's leader election, and the etcd client's own reconnects (gRPC
+channel and watch stream) are bounded the same way, so a change written after etcd comes
+back is applied within about a second.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +35,7 @@ from urllib.parse import urlsplit
 import grpc
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, SortTarget, prefix_range_end
 
-from control_plane.config.state import ConfigState
+from control_plane.config.state import ConfigState, Rejection
 from control_plane.errors import EtcdSettingsError
 
 log = logging.getLogger(__name__)
@@ -31,8 +43,75 @@ log = logging.getLogger(__name__)
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 DEFAULT_PREFIX = "/hotpath/"
 HEALTH_INTERVAL_S = 2.0
-# How many earlier values of a refused key a fresh read looks at for a good one.
-HISTORY_STEPS = 10
+# The one retry policy for etcd trouble: first delay, cap (seconds), and jitter (a delay
+# is drawn from [1 - JITTER, 1] times the current step).
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 1.0
+RETRY_JITTER = 0.5
+
+
+class Backoff:
+    """Retry delays: ``first`` doubling to ``cap``, each scaled by a random factor in
+    [1 - jitter, 1] so that replicas do not retry in step. ``reset()`` after a success."""
+
+    def __init__(self, first: float = RETRY_FIRST_S, cap: float = RETRY_MAX_S,
+                 jitter: float = RETRY_JITTER,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.first = first
+        self.cap = cap
+        self.jitter = jitter
+        self._rand = rand
+        self._step = first
+
+    def reset(self) -> None:
+        self._step = self.first
+
+    def next_delay(self) -> float:
+        delay = self._step * (1 - self.jitter * self._rand())
+        self._step = min(self._step * 2, self.cap)
+        return delay
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+
+def decode_key(raw: bytes, prefix: str) -> str | Rejection:
+    """The key relative to ``prefix``, or a Rejection when it cannot be used as text (not
+    UTF-8, or control characters): its ``key`` shows the bytes escaped, and is what a
+    delete of the same bytes maps to, so one bad key is one rejected key."""
+    head = prefix.encode()
+    rest = raw[len(head):] if raw.startswith(head) else raw
+    try:
+        key = rest.decode()
+    except UnicodeDecodeError:
+        shown = _printable(rest.decode(errors="backslashreplace"))
+        return Rejection(key=shown, message=f"{shown}: key is not valid UTF-8 "
+                                            f"(bytes {rest!r}); delete it")
+    if not key.isprintable():
+        shown = _printable(key)
+        return Rejection(key=shown, message=f"{shown}: key contains control or unprintable "
+                                            "characters; delete it")
+    return key
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key under the prefix as a range read gives it."""
+
+    key: str | Rejection
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    lease: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.key.key if isinstance(self.key, Rejection) else self.key
 
 
 @dataclass(frozen=True)
@@ -109,7 +188,15 @@ async def etcd_client(settings: EtcdSettings) -> AsyncIterator[Etcd3Client]:
             "cert_chain": _read(settings.cert_file, "client certificate"),
             "tls_server_name": endpoints[0][0],
         }
-    client = Etcd3Client(addresses, **tls_args)
+    client = Etcd3Client(addresses, watch_reconnect_backoff_seconds=RETRY_FIRST_S,
+                         watch_max_reconnect_backoff_seconds=RETRY_MAX_S, **tls_args)
+    # gRPC's own reconnect backoff (1 s growing by 1.6 to 120 s) would otherwise decide how
+    # long after etcd's return the watch resumes: bound it like every other retry.
+    client._manager.grpc_options += [
+        ("grpc.initial_reconnect_backoff_ms", int(RETRY_FIRST_S * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(RETRY_FIRST_S * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(RETRY_MAX_S * 1000)),
+    ]
     await client.connect()
     try:
         if settings.user:
@@ -141,17 +228,74 @@ async def delete(client: Etcd3Client, settings: EtcdSettings, key: str, *,
     return int(reply.deleted)
 
 
-async def list_prefix(client: Etcd3Client, settings: EtcdSettings, key: str = ""
-                      ) -> tuple[int, list[tuple[str, bytes, int]]]:
-    """(revision, [(key relative to the prefix, value, mod_revision)]) under ``key``."""
+async def list_entries(client: Etcd3Client, settings: EtcdSettings, key: str = ""
+                       ) -> tuple[int, list[Entry]]:
+    """(revision, entries) under ``key``; keys relative to the prefix, or a Rejection for
+    a key that is not usable text."""
     assert client.kv is not None
     name = full_key(settings, key)
     reply = await client.kv.get(name, range_end=prefix_range_end(name), timeout=10)
-    items = [
-        (kv.key.decode()[len(settings.prefix):], bytes(kv.value), int(kv.mod_revision))
+    entries = [
+        Entry(decode_key(bytes(kv.key), settings.prefix), bytes(kv.value), int(kv.mod_revision),
+              int(kv.create_revision), int(kv.lease))
         for kv in reply.kvs
     ]
-    return int(reply.header.revision), items
+    return int(reply.header.revision), entries
+
+
+async def list_prefix(client: Etcd3Client, settings: EtcdSettings, key: str = ""
+                      ) -> tuple[int, list[tuple[str, bytes, int]]]:
+    """(revision, [(key relative to the prefix, value, mod_revision)]) under ``key``; a key
+    that is not usable text comes escaped (see decode_key)."""
+    revision, entries = await list_entries(client, settings, key)
+    return revision, [(entry.name, entry.value, entry.mod_revision) for entry in entries]
+
+
+def feed(state: ConfigState, entries: list[Entry]) -> None:
+    """Apply a range read's entries to ``state`` (the order does not matter)."""
+    for entry in entries:
+        if isinstance(entry.key, Rejection):
+            state.refuse(entry.key.key, entry.value, entry.key.message, entry.mod_revision,
+                         entry.create_revision)
+    state.apply_all((entry.key, entry.value, entry.mod_revision, entry.create_revision)
+                    for entry in entries if isinstance(entry.key, str))
+
+
+def _is_compacted(exc: BaseException) -> bool:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.OUT_OF_RANGE or "compacted" in str(exc.details())
+    return "compacted" in str(exc)
+
+
+async def read_history(client: Etcd3Client, settings: EtcdSettings, state: ConfigState,
+                       key: str, mod_revision: int, known: int = 0) -> tuple[int, bool]:
+    """Feed ``state`` the earlier values of ``key`` while it wants them (state.py says
+    when): one get at the revision before each value, back to the key's creation, the last
+    compaction, or ``known`` (a mod_revision whose value the state already has).
+
+    Returns (values read, whether the walk ended at a compaction).
+    """
+    assert client.kv is not None
+    created = state.created(key)
+    revision = mod_revision - 1
+    read = 0
+    wanted = state.wants_history(key)
+    while wanted and revision > known and revision > 0:
+        try:
+            reply = await client.kv.get(full_key(settings, key), revision=revision, timeout=5)
+        except (EtcdError, grpc.aio.AioRpcError) as exc:
+            if _is_compacted(exc):
+                return read, True
+            raise
+        if not reply.kvs:
+            break  # the key did not exist yet
+        old = reply.kvs[0]
+        if int(old.create_revision) != created or int(old.mod_revision) <= known:
+            break  # an earlier life of the key, or values already known
+        read += 1
+        wanted = state.remember(key, bytes(old.value), int(old.mod_revision))
+        revision = int(old.mod_revision) - 1
+    return read, False
 
 
 class EtcdFollower:
@@ -172,64 +316,76 @@ class EtcdFollower:
         """How long the watch has been behind the newest write under the prefix (0: not)."""
         return 0.0 if self.behind_since is None else time.monotonic() - self.behind_since
 
-    def _apply(self, key: str, value: bytes | None, revision: int) -> None:
-        rejection = self.state.apply(key, value, revision)
-        still_refused = self.state.rejected
-        for recovered in [k for k in self._logged if k not in still_refused]:
-            del self._logged[recovered]
-            log.info("%s%s: accepted", self.settings.prefix, recovered)
-        if rejection is None:
-            return
-        # Logged once per distinct reason, however often the key is re-read.
-        if self._logged.get(key) != rejection.message:
-            self._logged[key] = rejection.message
-            log.error("rejected %s%s; keeping its last good value", self.settings.prefix,
-                      rejection.message)
+    def _report(self) -> None:
+        """Log each rejection once per distinct reason, and each key that recovered."""
+        rejected = self.state.rejected
+        for key in [k for k in self._logged if k not in rejected]:
+            del self._logged[key]
+            if self.state.raw(key) is not None:
+                log.info("%s%s: accepted", self.settings.prefix, key)
+        for key, message in rejected.items():
+            if self._logged.get(key) != message:
+                self._logged[key] = message
+                log.error("rejected %s%s; %s", self.settings.prefix, message,
+                          "keeping its last good value" if self.state.in_force(key)
+                          else "no value of this key is in force")
+
+    def _apply(self, key: str | Rejection, value: bytes | None, revision: int,
+               created: int | None = None) -> None:
+        if isinstance(key, Rejection):
+            if value is None:
+                self.state.apply(key.key, None, revision)
+            else:
+                self.state.refuse(key.key, value, key.message, revision, created)
+        else:
+            self.state.apply(key, value, revision, created)
 
     async def _relist(self, client: Etcd3Client) -> int:
-        revision, items = await list_prefix(client, self.settings)
-        present = {key for key, _, _ in items}
-        for key in self.state.keys() - present:
-            self._apply(key, None, revision)
-        # In write order, so "a model belongs to one pool" keeps the pool that had it first.
-        for key, value, mod_revision in sorted(items, key=lambda item: item[2]):
-            if self.state.raw(key) != value:
-                self._apply(key, value, mod_revision)
-                if not self.state.in_force(key):
-                    await self._recover(client, key, mod_revision)
+        revision, entries = await list_entries(client, self.settings)
+        known = {key: (self.state.created(key), self.state.modified(key))
+                 for key in self.state.keys()}
+        present = {entry.name for entry in entries}
+        self.state.apply_all((key, None, revision, None) for key in set(known) - present)
+        changed = [entry for entry in entries
+                   if known.get(entry.name) != (entry.create_revision, entry.mod_revision)]
+        # Settled by create revision, not in the order read: "a model belongs to one pool"
+        # keeps the older pool, as it did live.
+        feed(self.state, changed)
+        for entry in changed:
+            if isinstance(entry.key, str) and self.state.wants_history(entry.key):
+                created, modified = known.get(entry.key, (None, None))
+                floor = modified if created == entry.create_revision and modified else 0
+                await self._recover(client, entry.key, entry.mod_revision, floor)
         self.state.revision = max(self.state.revision, revision)
+        self._report()
         return revision
 
-    async def _recover(self, client: Etcd3Client, key: str, mod_revision: int) -> None:
-        """A key refused on a fresh read (a restarted control plane) has no last good value in
-        memory: look for one in etcd's history, back to the last compaction."""
-        assert client.kv is not None
-        revision = mod_revision - 1
-        for _ in range(HISTORY_STEPS):
-            if revision <= 0:
-                return
-            try:
-                reply = await client.kv.get(full_key(self.settings, key), revision=revision,
-                                            timeout=5)
-            except (EtcdError, grpc.aio.AioRpcError):
-                return  # compacted: nothing older to use
-            if not reply.kvs:
-                return  # the key did not exist yet
-            old = reply.kvs[0]
-            if self.state.restore(key, bytes(old.value)):
-                log.warning("%s%s: keeping its last good value, from etcd revision %d",
-                            self.settings.prefix, key, old.mod_revision)
-                return
-            revision = int(old.mod_revision) - 1
+    async def _recover(self, client: Etcd3Client, key: str, mod_revision: int,
+                       known: int = 0) -> None:
+        """Read the key's earlier values from etcd's history, back to the last compaction
+        (or what is already known), so a refused latest value keeps the last good one."""
+        refused = key in self.state.rejected
+        before = self.state.in_force(key)
+        _, compacted = await read_history(client, self.settings, self.state, key,
+                                          mod_revision, known)
+        if not refused or key not in self.state.rejected:
+            return
+        if self.state.in_force(key) and not before:
+            log.warning("%s%s: its latest value is refused; keeping its last good value, "
+                        "from etcd's history", self.settings.prefix, key)
+        elif not self.state.in_force(key) and compacted:
+            log.warning("%s%s: its latest value is refused and etcd compacted its history: "
+                        "no earlier good value is left, so the key is left out",
+                        self.settings.prefix, key)
 
     async def run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff()
         while True:
             try:
                 async with etcd_client(self.settings) as client:
                     revision = await self._relist(client)
                     self.connected = True
-                    backoff = 0.2
+                    backoff.reset()
                     self.synced_revision = revision
                     self.heard_at = time.monotonic()
                     self.on_change(revision)
@@ -247,8 +403,7 @@ class EtcdFollower:
                 else:
                     log.warning("etcd unavailable at %s (%s); retrying", self.settings.urls, exc)
                 self.connected = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.sleep()
 
     async def _health(self, client: Etcd3Client) -> None:
         """The watch retries a lost etcd silently: this check is what notices, and measures
@@ -290,12 +445,13 @@ class EtcdFollower:
                             reply.compact_revision)
                 return
             for event in reply.events:
-                key = event.kv.key.decode()[len(name):]
                 deleted = event.type == 1  # mvccpb.Event.DELETE
-                self._apply(key, None if deleted else bytes(event.kv.value),
-                            int(event.kv.mod_revision))
+                self._apply(decode_key(bytes(event.kv.key), name),
+                            None if deleted else bytes(event.kv.value),
+                            int(event.kv.mod_revision), int(event.kv.create_revision) or None)
             self.synced_revision = int(reply.header.revision)
             if reply.events:
+                self._report()
                 self.on_change(self.synced_revision)
 
 
@@ -324,6 +480,7 @@ async def hold_under_lease(settings: EtcdSettings, entries: list[tuple[str, Any]
     Re-registers after etcd comes back or the lease expired; on cancellation revokes the
     lease so the keys go at once (graceful deregistration).
     """
+    backoff = Backoff()
     while True:
         try:
             async with etcd_client(settings) as client:
@@ -334,6 +491,7 @@ async def hold_under_lease(settings: EtcdSettings, entries: list[tuple[str, Any]
                         await put_json(client, settings, key, value, lease=lease.ID)
                     if registered is not None:
                         registered.set()
+                    backoff.reset()
                     while True:
                         await asyncio.sleep(max(0.5, ttl / 3))
                         await asyncio.wait_for(keep_alive_once(client, lease.ID), timeout=5)
@@ -348,4 +506,4 @@ async def hold_under_lease(settings: EtcdSettings, entries: list[tuple[str, Any]
                 registered.clear()
             log.warning("lease for %s lost (%s); registering again",
                         ", ".join(k for k, _ in entries), exc)
-            await asyncio.sleep(1.0)
+            await backoff.sleep()

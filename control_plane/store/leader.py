@@ -21,7 +21,7 @@ from collections.abc import Callable
 from etcd3aio import Etcd3Client
 from etcd3aio.kv import KVService
 
-from control_plane.store.etcd import EtcdSettings, etcd_client, keep_alive_once
+from control_plane.store.etcd import Backoff, EtcdSettings, etcd_client, keep_alive_once
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class LeaderElection:
 
     async def run(self) -> None:
         period = self.ttl_s / 3
-        backoff = 0.5
+        backoff = Backoff()
         while True:
             try:
                 async with etcd_client(self.settings) as client:
@@ -92,7 +92,7 @@ class LeaderElection:
                                 await self._campaign(client, lease.ID)
                             await asyncio.wait_for(keep_alive_once(client, lease.ID),
                                                    timeout=period)
-                            backoff = 0.5
+                            backoff.reset()
                             await asyncio.sleep(period)
                     finally:
                         # Step down first: no write may follow the loss of the lease.
@@ -103,5 +103,4 @@ class LeaderElection:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: stand down, try again
                 log.warning("prober leader election: %s; retrying", exc or type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await backoff.sleep()

@@ -19,15 +19,28 @@ from control_plane.config.model import (
     pool_to_json,
 )
 from control_plane.config.state import ConfigState
-from control_plane.store.etcd import EtcdSettings, delete, etcd_client, list_prefix, put_json
+from control_plane.store.etcd import (
+    EtcdSettings,
+    delete,
+    etcd_client,
+    feed,
+    list_entries,
+    put_json,
+    read_history,
+)
 
 
 async def read_state(settings: EtcdSettings) -> ConfigState:
+    """The config as a control plane starting now would have it: the latest values, settled
+    by create revision (the older pool keeps a model), and earlier values from etcd's
+    history where the latest is refused."""
     state = ConfigState()
     async with etcd_client(settings) as client:
-        revision, items = await list_prefix(client, settings)
-    for key, value, mod_revision in sorted(items, key=lambda item: item[2]):
-        state.apply(key, value, mod_revision)
+        revision, entries = await list_entries(client, settings)
+        feed(state, entries)
+        for entry in entries:
+            if isinstance(entry.key, str) and state.wants_history(entry.key):
+                await read_history(client, settings, state, entry.key, entry.mod_revision)
     state.revision = revision
     return state
 

@@ -29,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from control_plane.config.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
+from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
 from control_plane.translate.clusters import MAX_RING_SIZE, RING_POINTS_PER_WEIGHT
 from control_plane.translate.listeners import build_listener
 from control_plane.translate.lua import render_lua_source
@@ -37,7 +38,6 @@ from control_plane.translate.routes import (
     SESSION_HEADER,
     build_route_configuration,
 )
-from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
 from tests.unit.builders import build_cluster, build_load_assignment
 
 GOLDEN = Path(__file__).parent / "golden"
