@@ -1,11 +1,11 @@
-"""The prober process: follow etcd, probe idle endpoints, write warmth, serve /metrics.
+"""The prober process: the IO shell around the sans-IO scheduler (scheduler.py).
 
-The IO shell around the pure parts (state.py, traffic.py, routing.py): an etcd follower
-for pools, endpoints and statuses; a leader election so that one prober of several works;
-a scheduler that, for each endpoint when due, either skips it (real traffic keeps it warm,
-it is serving right now, or it was let go cold on purpose) or sends the pool's warm-up
-request; writes of ``status/<pool>/<id>`` only on a change of state or an ageing record;
-and Prometheus metrics.
+It follows etcd (pools, endpoints, statuses), takes part in the leader election, reads
+Envoy's per-host counters into the ``TrafficTracker``, and feeds all of that, with the time,
+to the ``Scheduler``; then it executes the scheduler's actions: warm-up probes over HTTP
+(their results go back to the scheduler), ``status/<pool>/<id>`` writes and deletes in etcd,
+and it serves the Prometheus metrics that the scheduler's events update. Every decision
+(what is due, skipped, released, written) is the scheduler's; see its docstring.
 """
 
 from __future__ import annotations
@@ -27,32 +27,32 @@ import aiohttp
 from aiohttp import web
 from etcd3aio import Etcd3Client
 
-from control_plane.config.model import (
-    DEFAULT_SYSTEM_PROMPT,
-    Config,
-    Endpoint,
-    Pool,
-    Status,
-    WarmState,
-    status_to_json,
-)
+from control_plane.config.model import DEFAULT_SYSTEM_PROMPT, WarmState, status_to_json
 from control_plane.config.state import ConfigState
 from control_plane.prober import state as machine
-from control_plane.prober.probe import (
-    PROBE_HEADER,
-    PROBER_HEADER,
-    ProbeResult,
-    probe_url,
-    send_probe,
-    warmup_body,
+from control_plane.prober.probe import PROBE_HEADER, PROBER_HEADER, ProbeResult, send_probe
+from control_plane.prober.scheduler import (
+    MAX_POLL_PERIOD_S,
+    Action,
+    CancelProbe,
+    DeleteStatus,
+    Forgotten,
+    KeptWarm,
+    Key,
+    Policy,
+    Probe,
+    Probed,
+    Released,
+    Scheduler,
+    Skipped,
+    WriteStatus,
 )
-from control_plane.prober.traffic import TrafficTracker, parse_cluster_active
+from control_plane.prober.traffic import parse_cluster_active
 from control_plane.runtime.envoy_admin import parse_clusters
 from control_plane.runtime.metrics import Family, Histogram, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings, delete, etcd_client, put_json
 from control_plane.store.leader import LeaderElection
-from control_plane.translate.warmth import stale_after_s
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,7 @@ DEFAULT_METRICS = "127.0.0.1:9102"
 DEFAULT_IDLE_HORIZON_S = 600.0
 DEFAULT_LEADER_TTL_S = 10
 ADMIN_TIMEOUT_S = 2.0
-# The loop looks at Envoy's counters at least this often (capped by a quarter interval), so
-# "last real traffic" is accurate to that, and right before any probe.
-MAX_POLL_PERIOD_S = 2.0
-FRESH_POLL_S = 0.1
-ORPHAN_RETRY_S = 5.0
 ACTIVE_FILTER = quote(r"\.upstream_rq_active$")
-
-Key = tuple[str, str]  # (pool, endpoint id)
 
 
 def default_identity() -> str:
@@ -90,19 +83,14 @@ class ProberSettings:
     identity: str = field(default_factory=default_identity)
 
     def min_warm_for(self, pool: str) -> int | None:
-        return self.min_warm_per_pool.get(pool, self.min_warm)
+        return self.policy.min_warm_for(pool)
 
-
-@dataclass
-class Tracked:
-    """One endpoint the prober looks after."""
-
-    endpoint: Endpoint
-    warmth: machine.Warmth
-    next_due: float  # loop time
-    first_seen: float  # unix time
-    written: Status | None = None  # the last record this prober wrote or found
-    task: asyncio.Task[None] | None = None
+    @property
+    def policy(self) -> Policy:
+        """What the scheduler needs of these settings."""
+        return Policy(system_prompt=self.system_prompt, thresholds=self.thresholds,
+                      idle_horizon_s=self.idle_horizon_s, min_warm=self.min_warm,
+                      min_warm_per_pool=self.min_warm_per_pool)
 
 
 class ProberMetrics:
@@ -156,24 +144,26 @@ class ProberMetrics:
 
 
 class Prober:
-    def __init__(self, settings: ProberSettings) -> None:
+    def __init__(self, settings: ProberSettings, rng: random.Random | None = None) -> None:
         self.settings = settings
         self.config_state = ConfigState()
         self.follower = EtcdFollower(settings.etcd, self.config_state, self._on_config)
-        self.tracker = TrafficTracker()
-        self.tracked: dict[Key, Tracked] = {}
+        self.scheduler = Scheduler(settings.policy, rng=rng)
+        self.tracker = self.scheduler.tracker
         self.metrics = ProberMetrics()
-        self.leader = False
         self.metrics_port = 0
         self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._client: Etcd3Client | None = None
         self._client_stack: AsyncExitStack | None = None
-        self._last_poll = -1e9
         self._admin_down: set[str] = set()
         self._logged: dict[Key, str] = {}
-        self._deleted: dict[Key, float] = {}  # orphan statuses deleted, when (loop time)
-        self._cancelled: set[asyncio.Task[None]] = set()  # probes stopped by a step-down
+        self._probes: dict[Key, asyncio.Task[None]] = {}
+        self._cancelled: set[asyncio.Task[None]] = set()  # probes stopped, not yet finished
+
+    @property
+    def leader(self) -> bool:
+        return self.scheduler.leader
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -181,16 +171,15 @@ class Prober:
         self._wake.set()
 
     def _on_leader(self, leader: bool) -> None:
-        self.leader = leader
         self.metrics.leader.set(1.0 if leader else 0.0)
+        # Losing it: no probe and no write after leadership is gone; the next leader
+        # starts from the statuses in etcd.
+        for action in self.scheduler.lead(leader):
+            if isinstance(action, CancelProbe):
+                self._cancel(action.key)
         if not leader:
-            # No probe and no write after leadership is gone; the next leader starts
-            # from the statuses in etcd.
-            for tracked in self.tracked.values():
-                if tracked.task is not None:
-                    tracked.task.cancel()
-                    self._cancelled.add(tracked.task)
-            self.tracked.clear()
+            for key in list(self._probes):
+                self._cancel(key)
         self._wake.set()
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
@@ -244,150 +233,88 @@ class Prober:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _poll_period(self, config: Config) -> float:
-        intervals = [p.warmup.interval_s for p in config.pools.values()]
-        return max(FRESH_POLL_S, min([MAX_POLL_PERIOD_S] + [i / 4 for i in intervals]))
-
     async def tick(self, now_m: float, now: float) -> float:
-        """One pass: reconcile, release, skip or probe what is due, write. Returns how long
-        the loop may sleep before the next pass."""
+        """One pass of the scheduler, its actions executed. Returns how long the loop may
+        sleep before the next pass."""
         self._cancelled = {t for t in self._cancelled if not t.done()}
-        config = self.config_state.config()
-        await self._reconcile(config, now_m, now)
-        period = self._poll_period(config)
-        due = [k for k, t in self.tracked.items() if t.task is None and t.next_due <= now_m]
-        if self.settings.admin_urls and (
-                now_m - self._last_poll >= (FRESH_POLL_S if due else period)):
+        await self._execute(self.scheduler.reconcile(self.config_state.config(), now_m, now))
+        if self.settings.admin_urls and self.scheduler.traffic_due(now_m):
             await self._poll_admin(now)
-            self._last_poll = now_m
-        self._release(config, now_m, now)
-        for key in due:
-            tracked = self.tracked.get(key)
-            if tracked is None or tracked.task is not None:
-                continue
-            self._decide(key, tracked, config.pools[key[0]], now_m, now)
-        await self._write_changes(config, now)
-        waits = [t.next_due - now_m for t in self.tracked.values() if t.task is None]
-        return max(0.01, min([period] + waits))
+            self.scheduler.traffic_read(now_m)
+        await self._execute(self.scheduler.decide(now_m, now))
+        self._show_endpoints()
+        return self.scheduler.wait_s(now_m)
 
-    async def _reconcile(self, config: Config, now_m: float, now: float) -> None:
-        wanted: dict[Key, tuple[Pool, Endpoint]] = {}
-        for pool_name, endpoints in config.endpoints.items():
-            pool = config.pools.get(pool_name)
-            if pool is None:
-                continue  # no pool: no model to probe with, and no cluster routes to it
-            for eid, endpoint in endpoints.items():
-                wanted[(pool_name, eid)] = (pool, endpoint)
-        for key in [k for k in self.tracked if k not in wanted]:
-            gone = self.tracked.pop(key)
-            if gone.task is not None:
-                gone.task.cancel()
-            self.metrics.forget(key)
-        for key, (pool, endpoint) in wanted.items():
-            tracked = self.tracked.get(key)
-            if tracked is not None and tracked.endpoint == endpoint:
-                continue
-            if tracked is not None and tracked.task is not None:
-                tracked.task.cancel()
-            recorded = config.statuses.get(key[0], {}).get(key[1])
-            warmth = machine.Warmth()
-            if tracked is None and recorded is not None and \
-                    now - recorded.checked_at <= stale_after_s(pool.warmup.interval_s):
-                # Carry on from the record (a restart or a new leader): no flapping.
-                warmth = machine.Warmth(state=recorded.state, ttft_ms=recorded.ttft_ms)
-            jitter = random.uniform(0, min(1.0, pool.warmup.interval_s / 2))
-            self.tracked[key] = Tracked(endpoint=endpoint, warmth=warmth,
-                                        next_due=now_m + jitter, first_seen=now,
-                                        written=recorded)
-            self.metrics.set_endpoint(key, warmth)
-        # Statuses of endpoints that are gone: remove them, nobody else will.
-        for pool_name, statuses in config.statuses.items():
-            for eid in statuses:
-                key = (pool_name, eid)
-                if eid in config.endpoints.get(pool_name, {}):
-                    continue
-                if now_m - self._deleted.get(key, -1e9) >= ORPHAN_RETRY_S:
-                    self._deleted[key] = now_m
-                    await self._delete_status(key)
+    async def _execute(self, actions: list[Action]) -> None:
+        """Carry out a pass's actions in order. Once leadership is gone the rest is
+        dropped; a failed write ends the pass's writes (the scheduler asks again)."""
+        writing, term = True, self.scheduler.term
+        for action in actions:
+            if not self.leader or self.scheduler.term != term:
+                return
+            if isinstance(action, Probe):
+                self._probes[action.key] = asyncio.create_task(
+                    self._probe(action), name=f"probe {action.key[0]}/{action.key[1]}")
+            elif isinstance(action, CancelProbe):
+                self._cancel(action.key)
+            elif isinstance(action, WriteStatus):
+                writing = writing and await self._write_status(action)
+            elif isinstance(action, DeleteStatus):
+                await self._delete_status(action.key)
+            elif isinstance(action, Skipped):
+                self.metrics.skipped.inc(*action.key, action.reason.value)
+            elif isinstance(action, Released):
+                log.info("%s/%s idle for %.0f s: let go cold (min warm %s)", *action.key,
+                         action.idle_s, action.min_warm)
+            elif isinstance(action, KeptWarm):
+                log.info("%s/%s: kept warm again", *action.key)
+            elif isinstance(action, Forgotten):
+                self.metrics.forget(action.key)
+                self._logged.pop(action.key, None)
 
-    def _release(self, config: Config, now_m: float, now: float) -> None:
-        for pool_name in config.pools:
-            keys = [k for k in self.tracked if k[0] == pool_name]
-            activity = {}
-            for key in keys:
-                tracked = self.tracked[key]
-                last = self.tracker.last_traffic(*key)
-                idle_since = max(tracked.first_seen, last if last is not None else 0.0)
-                activity[key[1]] = machine.Activity(tracked.warmth.state, idle_since)
-            released = machine.choose_released(
-                activity, self.settings.min_warm_for(pool_name), self.settings.idle_horizon_s,
-                now)
-            for key in keys:
-                tracked = self.tracked[key]
-                if key[1] in released and not tracked.warmth.released:
-                    if tracked.task is not None:
-                        tracked.task.cancel()
-                        tracked.task = None
-                    tracked.warmth = machine.release(tracked.warmth)
-                    log.info("%s/%s idle for %.0f s: let go cold (min warm %s)", *key,
-                             now - activity[key[1]].idle_since,
-                             self.settings.min_warm_for(pool_name))
-                elif key[1] not in released and tracked.warmth.released:
-                    tracked.warmth = machine.unrelease(tracked.warmth)
-                    tracked.next_due = now_m
-                    log.info("%s/%s: kept warm again", *key)
-                self.metrics.set_endpoint(key, tracked.warmth)
-
-    def _decide(self, key: Key, tracked: Tracked, pool: Pool, now_m: float, now: float) -> None:
-        interval = pool.warmup.interval_s
-        warmth = tracked.warmth
-        reason = None
-        if warmth.released:
-            reason = "released"
-        elif self.tracker.busy(*key):
-            reason = "busy"  # never disturb a request in flight (single-slot servers)
-        elif warmth.state in (None, WarmState.WARM) and self.tracker.served_within(
-                *key, interval, now):
-            reason = "traffic"  # real traffic keeps it warm; cold/down need a probe
-            tracked.warmth = machine.served_traffic(warmth)
-        if reason is not None:
-            self.metrics.skipped.inc(*key, reason)
-            tracked.next_due = now_m + interval
+    def _show_endpoints(self) -> None:
+        for key, tracked in self.scheduler.tracked.items():
             self.metrics.set_endpoint(key, tracked.warmth)
-            return
-        tracked.task = asyncio.create_task(self._probe(key, tracked, pool),
-                                           name=f"probe {key[0]}/{key[1]}")
 
-    async def _probe(self, key: Key, tracked: Tracked, pool: Pool) -> None:
+    def _cancel(self, key: Key) -> None:
+        task = self._probes.pop(key, None)
+        if task is not None:
+            task.cancel()
+            self._cancelled.add(task)
+
+    async def _probe(self, action: Probe) -> None:
         assert self._session is not None
         loop = asyncio.get_running_loop()
+        key = action.key
         try:
             result = await send_probe(
-                self._session, probe_url(tracked.endpoint, pool.warmup.path),
-                warmup_body(pool, self.settings.system_prompt), pool.warmup.timeout_s,
+                self._session, action.url, action.body, action.timeout_s,
                 {PROBE_HEADER: "1", PROBER_HEADER: self.settings.identity})
-        finally:
-            tracked.task = None
-        if self.tracked.get(key) is not tracked or tracked.warmth.released:
-            return  # the endpoint changed or went while the probe ran
-        outcome = machine.classify(result.ttft_ms, pool.warmup.cold_ttft_ms)
-        self._count(key, outcome, result)
-        before = tracked.warmth.state
-        tracked.warmth = machine.observe(tracked.warmth, outcome, result.ttft_ms,
-                                         self.settings.thresholds)
-        tracked.next_due = loop.time() + machine.next_probe_delay_s(
-            tracked.warmth, pool.warmup.interval_s)
-        self.metrics.set_endpoint(key, tracked.warmth)
-        if tracked.warmth.state is not before:
-            log.info("%s/%s: %s -> %s (%s)", *key, before.value if before else "unknown",
-                     tracked.warmth.state.value if tracked.warmth.state else "unknown",
-                     f"ttft {result.ttft_ms:.0f} ms" if result.ttft_ms is not None
-                     else result.error)
+        except BaseException:
+            if self._probes.get(key) is asyncio.current_task():
+                del self._probes[key]
+                self.scheduler.probe_dropped(key)
+            raise
+        if self._probes.get(key) is not asyncio.current_task():
+            return  # cancelled as it finished
+        del self._probes[key]
+        event = self.scheduler.probe_done(key, result.ttft_ms, loop.time())
+        if event is not None:
+            self._count(event, result)
+            self.metrics.set_endpoint(key, event.warmth)
+            if event.changed:
+                after = event.warmth.state
+                log.info("%s/%s: %s -> %s (%s)", *key,
+                         event.before.value if event.before else "unknown",
+                         after.value if after else "unknown",
+                         f"ttft {result.ttft_ms:.0f} ms" if result.ttft_ms is not None
+                         else result.error)
         self._wake.set()
 
-    def _count(self, key: Key, outcome: machine.Outcome, result: ProbeResult) -> None:
+    def _count(self, event: Probed, result: ProbeResult) -> None:
+        key = event.key
         pool, _ = key
-        self.metrics.probes.inc(*key, outcome.value)
+        self.metrics.probes.inc(*key, event.outcome.value)
         if result.ttft_ms is not None:
             self.metrics.latency.observe(result.ttft_ms / 1000, pool)
         if result.usage is not None:
@@ -449,32 +376,22 @@ class Prober:
             with contextlib.suppress(Exception):
                 await stack.aclose()
 
-    async def _write_changes(self, config: Config, now: float) -> None:
-        for key, tracked in list(self.tracked.items()):
-            pool = config.pools.get(key[0])
-            if pool is None or not self.leader:
-                continue
-            recorded = config.statuses.get(key[0], {}).get(key[1])
-            if tracked.written is not None and (
-                    recorded is None or tracked.written.checked_at > recorded.checked_at):
-                recorded = tracked.written  # ours, not yet seen back from the watch
-            if not machine.needs_write(tracked.warmth, recorded, now, pool.warmup.interval_s):
-                continue
-            assert tracked.warmth.state is not None
-            status = Status(pool=key[0], id=key[1], state=tracked.warmth.state,
-                            ttft_ms=tracked.warmth.ttft_ms, checked_at=round(now, 3))
-            try:
-                client = await self._etcd()
-                await put_json(client, self.settings.etcd, f"status/{key[0]}/{key[1]}",
-                               status_to_json(status))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - etcd trouble: retried next pass
-                log.warning("cannot write status/%s/%s (%s); retrying", *key, exc)
-                await self._close_client()
-                return
-            tracked.written = status
-            self.metrics.writes.inc(key[0])
+    async def _write_status(self, action: WriteStatus) -> bool:
+        """Whether the write went through."""
+        pool, eid = action.key
+        try:
+            client = await self._etcd()
+            await put_json(client, self.settings.etcd, f"status/{pool}/{eid}",
+                           status_to_json(action.status))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - etcd trouble: retried next pass
+            log.warning("cannot write status/%s/%s (%s); retrying", pool, eid, exc)
+            await self._close_client()
+            return False
+        self.scheduler.written(action.key, action.status)
+        self.metrics.writes.inc(pool)
+        return True
 
     async def _delete_status(self, key: Key) -> None:
         try:
@@ -482,7 +399,7 @@ class Prober:
             await delete(client, self.settings.etcd, f"status/{key[0]}/{key[1]}")
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - retried next pass
+        except Exception as exc:  # noqa: BLE001 - retried after ORPHAN_RETRY_S
             log.warning("cannot delete status/%s/%s (%s)", *key, exc)
             await self._close_client()
 

@@ -1,13 +1,16 @@
 """Prometheus metrics: counters, gauges and histograms rendered as text exposition 0.0.4,
 and the small HTTP server every hotpath process uses for ``/metrics`` and ``/healthz``.
 
-Families and ``render`` are pure; ``serve_metrics`` is the aiohttp shell.
+Families and ``render`` are pure; ``serve_metrics`` is the aiohttp shell. A family may carry
+constant labels, written first on every sample (the simulator's ``model_name``, as vLLM
+does). Label values are escaped (backslash, double quote, newline); numbers are written
+as integers when whole (``le="1"``, ``3``), else as Python's shortest repr.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from aiohttp import web
 
@@ -37,11 +40,16 @@ def _number(value: float) -> str:
 class Family:
     """One metric name with samples keyed by label values."""
 
-    def __init__(self, name: str, kind: str, help: str, label_names: Sequence[str]) -> None:
+    def __init__(self, name: str, kind: str, help: str, label_names: Sequence[str],
+                 const_labels: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.kind = kind
         self.help = help
         self.label_names = tuple(label_names)
+        self.const_labels: Labels = tuple((const_labels or {}).items())
+        overlap = set(self.label_names) & {k for k, _ in self.const_labels}
+        if overlap:
+            raise ValueError(f"{name}: labels {sorted(overlap)} are both constant and variable")
         self.values: dict[Labels, float] = {}
 
     def key(self, values: Sequence[str]) -> Labels:
@@ -66,26 +74,39 @@ class Family:
 
     def lines(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-        out += [f"{self.name}{_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        out += [f"{self.name}{_labels(self.const_labels + k)} {_number(v)}"
+                for k, v in sorted(self.values.items())]
         return out
 
 
 class Histogram(Family):
     def __init__(self, name: str, help: str, label_names: Sequence[str],
-                 buckets: Sequence[float] = PROBE_BUCKETS) -> None:
-        super().__init__(name, "histogram", help, label_names)
+                 buckets: Sequence[float] = PROBE_BUCKETS,
+                 const_labels: Mapping[str, str] | None = None) -> None:
+        super().__init__(name, "histogram", help, label_names, const_labels)
         self.buckets = tuple(buckets)
-        self.counts: dict[Labels, list[int]] = {}
+        self.counts: dict[Labels, list[int]] = {}  # cumulative per bucket, then +Inf
         self.sums: dict[Labels, float] = {}
 
-    def observe(self, value: float, *labels: str) -> None:
+    def declare(self, *labels: str) -> None:
+        """Expose the series (all zeros) before its first observation."""
         key = self.key(labels)
-        counts = self.counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        self.counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        self.sums.setdefault(key, 0.0)
+
+    def observe(self, value: float, *labels: str) -> None:
+        self.declare(*labels)
+        key = self.key(labels)
+        counts = self.counts[key]
         for i, bound in enumerate(self.buckets):
             if value <= bound:
                 counts[i] += 1
         counts[-1] += 1
-        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.sums[key] += value
+
+    def total(self, *labels: str) -> float:
+        """The sum of the observed values."""
+        return self.sums.get(self.key(labels), 0.0)
 
     def count(self, *labels: str) -> int:
         counts = self.counts.get(self.key(labels))
@@ -98,14 +119,15 @@ class Histogram(Family):
 
     def lines(self) -> list[str]:
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        bounds = [_number(b) for b in self.buckets] + ["+Inf"]
         for key in sorted(self.counts):
             counts = self.counts[key]
-            bounds = [_number(b) for b in self.buckets] + ["+Inf"]
+            labels = self.const_labels + key
             for bound, count in zip(bounds, counts, strict=True):
                 le = 'le="' + bound + '"'
-                out.append(f"{self.name}_bucket{_labels(key, le)} {count}")
-            out.append(f"{self.name}_sum{_labels(key)} {_number(self.sums[key])}")
-            out.append(f"{self.name}_count{_labels(key)} {counts[-1]}")
+                out.append(f"{self.name}_bucket{_labels(labels, le)} {count}")
+            out.append(f"{self.name}_sum{_labels(labels)} {_number(self.sums[key])}")
+            out.append(f"{self.name}_count{_labels(labels)} {counts[-1]}")
         return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from control_plane.errors import UsageError
+from control_plane.runtime.metrics import Family, Histogram, render
 from control_plane.sim.model import Plan, SimParams, SimServer, chat_tokens, tokenize
 
 SERVER_HEADER = "x-sim-server"
@@ -26,6 +27,7 @@ DEFAULT_MODEL = "sim-model"
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the gateway's documented body limit
 SHUTDOWN_TIMEOUT_S = 2.0  # open streams must not hold up `hotpath up`'s 10 s stop
 # vLLM's buckets for vllm:time_to_first_token_seconds.
+TTFT_METRIC = "vllm:time_to_first_token_seconds"
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
@@ -42,21 +44,6 @@ class ApiError(Exception):
         self.code = code
 
 
-class Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)  # cumulative, as exposed
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.total += value
-        self.count += 1
-
-
 class SimState:
     """One simulated server: the pure model plus what only the shell knows (queue, timings)."""
 
@@ -69,7 +56,10 @@ class SimState:
         self.running = 0
         self.waiting = 0
         self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
+        self.labels = {"model_name": self.models[0]}
+        self.ttft = Histogram(TTFT_METRIC, "Time to first token in seconds.", (), TTFT_BUCKETS,
+                              const_labels=self.labels)
+        self.ttft.declare()  # exposed at zero from the start, as vLLM's is
         self._slots = asyncio.Semaphore(params.max_running)
         self._ids = itertools.count()
 
@@ -95,49 +85,33 @@ class SimState:
 STATE = web.AppKey("sim_state", SimState)
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def render_metrics(state: SimState) -> str:
-    """Prometheus text exposition with vLLM's metric names."""
-    labels = f'model_name="{_label(state.models[0])}"'
+    """Prometheus text exposition with vLLM's metric names, each sample labelled with
+    ``model_name`` (the first served model)."""
     sim = state.sim
-    out: list[str] = []
 
-    def metric(name: str, kind: str, help_: str, value: float) -> None:
-        out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        out.append(f"{name}{{{labels}}} {value}")
+    def metric(name: str, kind: str, help_: str, value: float) -> Family:
+        family = Family(name, kind, help_, (), const_labels=state.labels)
+        family.set(value)
+        return family
 
-    metric("vllm:num_requests_running", "gauge", "Requests running on the GPU.", state.running)
-    metric("vllm:num_requests_waiting", "gauge", "Requests waiting to run.", state.waiting)
-    metric("vllm:kv_cache_usage_perc", "gauge", "KV cache usage, 1 = full.", sim.cache.usage)
-    metric(
-        "vllm:prefix_cache_queries_total",
-        "counter",
-        "Prompt tokens looked up in the prefix cache.",
-        sim.prompt_tokens_total,
-    )
-    metric(
-        "vllm:prefix_cache_hits_total",
-        "counter",
-        "Prompt tokens found in the prefix cache.",
-        sim.cached_tokens_total,
-    )
-    metric("vllm:prompt_tokens_total", "counter", "Prefill tokens.", sim.prompt_tokens_total)
-    metric("vllm:generation_tokens_total", "counter", "Generated tokens.", state.generation_tokens)
-    metric("hotpath_sim_cold_starts_total", "counter", "Simulated model loads.", sim.cold_starts)
-
-    name = "vllm:time_to_first_token_seconds"
-    out += [f"# HELP {name} Time to first token in seconds.", f"# TYPE {name} histogram"]
-    for bound, count in zip(state.ttft.buckets, state.ttft.counts, strict=True):
-        out.append(f'{name}_bucket{{{labels},le="{bound}"}} {count}')
-    out += [
-        f'{name}_bucket{{{labels},le="+Inf"}} {state.ttft.count}',
-        f"{name}_sum{{{labels}}} {state.ttft.total}",
-        f"{name}_count{{{labels}}} {state.ttft.count}",
-    ]
-    return "\n".join(out) + "\n"
+    return render([
+        metric("vllm:num_requests_running", "gauge", "Requests running on the GPU.",
+               state.running),
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to run.", state.waiting),
+        metric("vllm:kv_cache_usage_perc", "gauge", "KV cache usage, 1 = full.",
+               sim.cache.usage),
+        metric("vllm:prefix_cache_queries_total", "counter",
+               "Prompt tokens looked up in the prefix cache.", sim.prompt_tokens_total),
+        metric("vllm:prefix_cache_hits_total", "counter",
+               "Prompt tokens found in the prefix cache.", sim.cached_tokens_total),
+        metric("vllm:prompt_tokens_total", "counter", "Prefill tokens.", sim.prompt_tokens_total),
+        metric("vllm:generation_tokens_total", "counter", "Generated tokens.",
+               state.generation_tokens),
+        metric("hotpath_sim_cold_starts_total", "counter", "Simulated model loads.",
+               sim.cold_starts),
+        state.ttft,
+    ])
 
 
 def _error(status: int, message: str, code: str) -> web.Response:

@@ -17,9 +17,12 @@ import pytest
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import (
     SERVER_HEADER,
+    TTFT_BUCKETS,
     SimHandle,
+    SimState,
     add_sim_arguments,
     params_from_args,
+    render_metrics,
     run_from_args,
     run_sims,
     serve,
@@ -177,6 +180,31 @@ async def test_models_health_and_metrics(sim: SimHandle, http: aiohttp.ClientSes
     assert float(values["vllm:time_to_first_token_seconds_count"]) == 2
     assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
     assert 'vllm:time_to_first_token_seconds_bucket{model_name="sim-model",le="+Inf"} 2' in text
+
+
+def test_metrics_text_uses_vllm_names_and_a_cumulative_histogram() -> None:
+    state = SimState(FAST, "sim-m", ['odd "model"\\name', "second"])
+    label = 'model_name="odd \\"model\\"\\\\name"'  # escaped; the first model only
+    before = render_metrics(state).splitlines()
+    name = "vllm:time_to_first_token_seconds"
+    # Exposed at zero before the first request, as vLLM does.
+    assert f'{name}_bucket{{{label},le="+Inf"}} 0' in before
+    assert f"{name}_count{{{label}}} 0" in before
+    for value in (0.003, 0.3, 3.0):
+        state.ttft.observe(value)
+    state.generation_tokens = 7
+    lines = render_metrics(state).splitlines()
+    assert f"vllm:generation_tokens_total{{{label}}} 7" in lines
+    assert "# TYPE vllm:kv_cache_usage_perc gauge" in lines
+    buckets = [line for line in lines if line.startswith(name + "_bucket")]
+    assert len(buckets) == len(TTFT_BUCKETS) + 1
+    counts = [int(line.rsplit(" ", 1)[1]) for line in buckets]
+    assert counts == sorted(counts) and counts[-1] == 3  # cumulative
+    assert f'{name}_bucket{{{label},le="0.005"}} 1' in lines
+    assert f'{name}_bucket{{{label},le="0.5"}} 2' in lines
+    assert f"{name}_sum{{{label}}} 3.303" in lines
+    assert f"{name}_count{{{label}}} 3" in lines
+    assert all(line.startswith("#") or label in line for line in lines)
 
 
 @pytest.mark.parametrize(

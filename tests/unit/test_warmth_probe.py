@@ -216,5 +216,24 @@ def test_metrics_render_in_prometheus_text_format() -> None:
         probes.inc("only-one-label")
 
 
+def test_constant_labels_come_first_on_every_sample() -> None:
+    gauge = Family("x_running", "gauge", "running", (), const_labels={"model_name": 'm"1'})
+    gauge.set(2)
+    hist = Histogram("x_ttft", "ttft", ("kind",), buckets=(0.5,), const_labels={"model": "m"})
+    hist.declare("a")  # exposed at zero before any observation
+    assert render([gauge, hist]).splitlines()[2:] == [
+        'x_running{model_name="m\\"1"} 2',
+        "# HELP x_ttft ttft", "# TYPE x_ttft histogram",
+        'x_ttft_bucket{model="m",kind="a",le="0.5"} 0',
+        'x_ttft_bucket{model="m",kind="a",le="+Inf"} 0',
+        'x_ttft_sum{model="m",kind="a"} 0', 'x_ttft_count{model="m",kind="a"} 0',
+    ]
+    hist.observe(0.25, "a")
+    hist.observe(0.75, "a")
+    assert (hist.count("a"), hist.total("a")) == (2, 1.0)
+    with pytest.raises(ValueError, match="both constant and variable"):
+        Family("x", "gauge", "x", ("model",), const_labels={"model": "m"})
+
+
 def test_json_roundtrip_of_default_body() -> None:
     assert json.loads(json.dumps(warmup_body(POOL)))["max_tokens"] == 1
