@@ -1,28 +1,45 @@
-"""The control plane process: etcd follower -> translate -> snapshot -> ADS, plus upkeep."""
+"""The control plane process: etcd follower -> translate -> snapshot -> ADS, plus DNS.
+
+Latest wins from etcd to every stream: the follower's ``on_change`` only marks the config
+dirty and wakes the one rebuild task, which waits until etcd has been quiet for
+``DEBOUNCE_S``, but never longer than ``MAX_DELAY_S`` after the first change (so continuous
+churn cannot starve it), and then translates whatever etcd holds by then.
+Nothing rebuilds on a timer: the rebuild task also wakes at the moment time alone changes
+the output (the earliest status going stale, ``Translator.next_change``), and the DNS task
+wakes it when a hostname's answer changed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import time
 from dataclasses import dataclass, field
 
-from control_plane.config.model import Config, GatewaySettings
+from control_plane.config.model import Config, Endpoint, GatewaySettings
 from control_plane.config.state import ConfigState
 from control_plane.runtime.metrics import Family, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
-from control_plane.translate.resources import translate
+from control_plane.translate.resources import Translator, cached_is_ip
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 from control_plane.xds.snapshot import InconsistentSnapshot, SnapshotBuilder
 from control_plane.xds.types import SHORT_NAMES
 
 log = logging.getLogger(__name__)
 
-# Statuses go stale and DNS answers change without an etcd write: rebuild this often.
-UPKEEP_INTERVAL_S = 2.0
+# Hostnames are resolved again this often (DNS answers change without an etcd write).
 DNS_REFRESH_S = 30.0
+# A burst of etcd events, each within this long of the previous, is translated once...
+DEBOUNCE_S = 0.005
+# ...but never later than this after its first event. Measured with 100 clients while
+# 10,000 endpoints were written: without the bound on bursts, a rebuild per event or two
+# kept the streams busy enough that the watch fell minutes behind.
+MAX_DELAY_S = 0.05
+# Wake this long after a status's stale moment, so that it is stale by then.
+STALE_MARGIN_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -83,19 +100,41 @@ class ControlPlane:
         self.servicer = AdsServicer()
         self.builder = SnapshotBuilder()
         self.resolver = Resolver()
-        self.follower = EtcdFollower(settings.etcd, self.state, self.rebuild)
+        self.translator = Translator()
+        self.follower = EtcdFollower(settings.etcd, self.state, self.changed)
         self.xds_port = 0
         self.pushes = 0
+        self.rebuilds = 0
+        self.dns_epoch = 0
+        self._dirty = asyncio.Event()
+        self._revision = 0
         self._dns_tasks: set[asyncio.Task[None]] = set()
+        self._resolving: set[str] = set()
+
+    def changed(self, revision: int | None = None) -> None:
+        """The follower's on_change: mark dirty and wake the rebuild task; nothing more."""
+        if revision:
+            self._revision = max(self._revision, revision)
+        self._dirty.set()
+
+    def _resolve(self, endpoint: Endpoint) -> str | None:
+        """The IP of an endpoint for EDS; a hostname never seen is resolved in the
+        background (its pool is rebuilt when the answer comes)."""
+        if cached_is_ip(endpoint.address):
+            return endpoint.address
+        host = endpoint.address
+        if host not in self.resolver.answers and host not in self._resolving:
+            self._start_resolve(host)
+        return self.resolver.answers.get(host)
 
     def rebuild(self, revision: int | None = None) -> None:
         """Translate the current config; publish only when the snapshot changed."""
         if not self.follower.synced_revision:
             return  # never publish before the first full read of etcd
+        self.rebuilds += 1
         config = self.state.config()
-        self._resolve_due(config)
-        resources = translate(config, self.resolver.resolved(config), self.settings.gateway,
-                              time.time())
+        resources = self.translator.translate(config, self._resolve, self.settings.gateway,
+                                              time.time(), self.dns_epoch)
         try:
             snapshot = self.builder.update(resources, revision or self.state.revision)
         except InconsistentSnapshot as exc:
@@ -151,20 +190,58 @@ class ControlPlane:
         return [connected, responses, nacks, published, revision, etcd_up, etcd_revision, lag,
                 rejected]
 
-    def _resolve_due(self, config: Config) -> None:
-        for host in self.resolver.due(config, time.monotonic()):
-            task = asyncio.get_running_loop().create_task(self._resolve(host))
-            self._dns_tasks.add(task)
-            task.add_done_callback(self._dns_tasks.discard)
+    def _start_resolve(self, host: str) -> None:
+        self._resolving.add(host)
+        task = asyncio.get_running_loop().create_task(self._resolve_host(host))
+        self._dns_tasks.add(task)
+        task.add_done_callback(self._dns_tasks.discard)
 
-    async def _resolve(self, host: str) -> None:
-        if await self.resolver.resolve(host):
-            self.rebuild()
+    async def _resolve_host(self, host: str) -> None:
+        try:
+            if await self.resolver.resolve(host):
+                self.dns_epoch += 1
+                self.changed()
+        finally:
+            self._resolving.discard(host)
 
-    async def _upkeep(self) -> None:
+    async def _refresh_dns(self) -> None:
+        """Resolve every hostname again every DNS_REFRESH_S (and retry failed ones)."""
         while True:
-            await asyncio.sleep(UPKEEP_INTERVAL_S)
-            self.rebuild()
+            await asyncio.sleep(DNS_REFRESH_S)
+            for host in self.resolver.due(self.state.config(), time.monotonic()):
+                if host not in self._resolving:
+                    self._start_resolve(host)
+
+    async def _settle(self) -> None:
+        """Wait until no change came for DEBOUNCE_S, at most MAX_DELAY_S in all."""
+        deadline = time.monotonic() + MAX_DELAY_S
+        while True:
+            self._dirty.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._dirty.wait(), min(DEBOUNCE_S, left))
+            except TimeoutError:
+                return  # quiet
+
+    async def _rebuild_loop(self) -> None:
+        """Rebuild when etcd changed (after at most DEBOUNCE_S) or when a status goes stale."""
+        while True:
+            wait = self.translator.next_change() + STALE_MARGIN_S - time.time()
+            if not self._dirty.is_set() and wait > 0:
+                try:
+                    await asyncio.wait_for(self._dirty.wait(),
+                                           None if math.isinf(wait) else wait)
+                except TimeoutError:
+                    pass
+            if self._dirty.is_set():
+                await self._settle()
+            self._dirty.clear()
+            try:
+                self.rebuild(self._revision or None)
+            except Exception:  # noqa: BLE001 - one bad rebuild must not stop the next ones
+                log.exception("rebuild failed; Envoy keeps the last snapshot")
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address,
@@ -178,7 +255,8 @@ class ControlPlane:
             log.info("metrics on http://%s/metrics", self.settings.metrics_address)
         tasks = [
             asyncio.create_task(self.follower.run(), name="etcd-follower"),
-            asyncio.create_task(self._upkeep(), name="upkeep"),
+            asyncio.create_task(self._rebuild_loop(), name="rebuild"),
+            asyncio.create_task(self._refresh_dns(), name="dns"),
         ]
         if ready is not None:
             ready.set()

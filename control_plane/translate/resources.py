@@ -2,21 +2,39 @@
 
 Pure. Each pool's warmth routing (translate/warmth.py) is computed once and shapes both its
 cluster (ring size) and its load assignment (health, weights).
+
+``Translator`` is translate() memoized per pool, for the control plane: a pool is rebuilt
+only when one of its inputs changed (its Pool, its endpoints, their resolved IPs, its
+statuses, or the time passing a moment one of its statuses goes stale); otherwise its
+cluster and load assignment are the very objects of the last call, which the snapshot
+builder recognizes without serializing them again. The listener and the route
+configuration are rebuilt only when the pools or the settings change. ``next_change``
+says when time alone will change the output, so nothing needs a periodic rebuild.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import math
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from control_plane.config.model import Config, GatewaySettings
+from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool, Status, is_ip
 from control_plane.translate.clusters import build_cluster
 from control_plane.translate.endpoints import build_load_assignment
 from control_plane.translate.listeners import build_listener
 from control_plane.translate.routes import build_route_configuration
-from control_plane.translate.warmth import pool_routes
+from control_plane.translate.warmth import Route, is_stale, pool_routes, stale_after_s
 from control_plane.xds import types
+
+# Endpoint -> its IP, or None while it is not (yet) resolved.
+Resolve = Callable[[Endpoint], str | None]
+
+# Parsing an address costs ~10 us; pools of thousands of endpoints ask again at every change.
+cached_is_ip = functools.lru_cache(maxsize=1 << 16)(is_ip)
 
 
 def translate(
@@ -26,24 +44,115 @@ def translate(
     now: float,
 ) -> dict[str, dict[str, Message]]:
     """Config model -> Envoy resources by type URL and name. ``resolved``: (pool, id) -> IP."""
-    by_pool: dict[str, dict[str, str]] = {}
-    for (pool_name, endpoint_id), ip in resolved.items():
-        by_pool.setdefault(pool_name, {})[endpoint_id] = ip
-    clusters: dict[str, Message] = {}
-    assignments: dict[str, Message] = {}
-    for name, pool in config.pools.items():
-        pool_resolved = by_pool.get(name, {})
+    return Translator().translate(config, lambda e: resolved.get((e.pool, e.id)), settings,
+                                  now)
+
+
+def _same(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
+    """Equal mappings, cheaply when the values are the very same objects (the usual case:
+    ConfigState keeps each parsed value until its key changes)."""
+    if a is b:
+        return True
+    if len(a) != len(b) or list(a) != list(b):
+        return False
+    return all(map(operator.is_, a.values(), b.values())) or dict(a) == dict(b)
+
+
+def stale_deadline(pool: Pool, statuses: Mapping[str, Status], now: float) -> float:
+    """The last moment at which none of the pool's fresh statuses is stale yet (inf: never)."""
+    after = stale_after_s(pool.warmup.interval_s)
+    deadlines = [s.checked_at + after for s in statuses.values()
+                 if not is_stale(s, pool.warmup.interval_s, now)]
+    return min(deadlines, default=math.inf)
+
+
+@dataclass
+class _PoolEntry:
+    pool: Pool
+    endpoints: Mapping[str, Endpoint]
+    statuses: Mapping[str, Status]
+    resolved: dict[str, str]
+    uses_dns: bool
+    dns_epoch: int
+    computed_at: float
+    valid_until: float
+    routes: dict[str, Route]
+    cluster: Message
+    assignment: Message
+
+
+class Translator:
+    """translate(), memoized per pool; one per control plane."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _PoolEntry] = {}
+        self._listener: tuple[GatewaySettings, Message] | None = None
+        self._routes: tuple[tuple[Pool, ...], GatewaySettings, Message] | None = None
+        self.rebuilt_pools = 0  # pools translated again, for tests and metrics
+
+    def next_change(self) -> float:
+        """When time alone changes the output (a status goes stale); inf: never."""
+        return min((e.valid_until for e in self._pools.values()), default=math.inf)
+
+    def translate(self, config: Config, resolve: Resolve, settings: GatewaySettings,
+                  now: float, dns_epoch: int = 0) -> dict[str, dict[str, Message]]:
+        """``dns_epoch`` changes whenever a hostname's answer did: pools with hostnames are
+        then resolved again."""
+        clusters: dict[str, Message] = {}
+        assignments: dict[str, Message] = {}
+        for name, pool in config.pools.items():
+            entry = self._pool(pool, config.endpoints.get(name, {}),
+                               config.statuses.get(name, {}), resolve, now, dns_epoch)
+            clusters[name] = entry.cluster
+            assignments[name] = entry.assignment
+        for gone in set(self._pools) - set(config.pools):
+            del self._pools[gone]
+        if self._listener is None or self._listener[0] != settings:
+            self._listener = (settings, build_listener(settings))
+        listener = self._listener[1]
+        pools = tuple(config.pools.values())
+        if (self._routes is None or self._routes[1] != settings
+                or len(self._routes[0]) != len(pools)
+                or not all(a is b or a == b for a, b in zip(self._routes[0], pools,
+                                                             strict=True))):
+            self._routes = (pools, settings, build_route_configuration(pools, settings))
+        route_config = self._routes[2]
+        return {
+            types.CLUSTER: clusters,
+            types.ENDPOINT: assignments,
+            types.LISTENER: {getattr(listener, "name", ""): listener},
+            types.ROUTE: {getattr(route_config, "name", ""): route_config},
+        }
+
+    def _pool(self, pool: Pool, endpoints: Mapping[str, Endpoint],
+              statuses: Mapping[str, Status], resolve: Resolve, now: float,
+              dns_epoch: int) -> _PoolEntry:
+        entry = self._pools.get(pool.name)
+        if (entry is not None and (entry.pool is pool or entry.pool == pool)
+                and entry.computed_at <= now <= entry.valid_until
+                and (not entry.uses_dns or entry.dns_epoch == dns_epoch)
+                and _same(entry.endpoints, endpoints) and _same(entry.statuses, statuses)):
+            return entry
+        resolved: dict[str, str] = {}
+        uses_dns = False
+        for eid, endpoint in endpoints.items():
+            uses_dns = uses_dns or not cached_is_ip(endpoint.address)
+            ip = resolve(endpoint)
+            if ip is not None:
+                resolved[eid] = ip
         # Endpoints not (yet) resolved are left out of EDS, and so out of the ring size.
-        present = {eid: e for eid, e in config.endpoints.get(name, {}).items()
-                   if eid in pool_resolved}
-        routes = pool_routes(pool, present, config.statuses.get(name, {}), now)
-        clusters[name] = build_cluster(pool, routes)
-        assignments[name] = build_load_assignment(pool, present, pool_resolved, routes)
-    listener = build_listener(settings)
-    route_config = build_route_configuration(config.pools.values(), settings)
-    return {
-        types.CLUSTER: clusters,
-        types.ENDPOINT: assignments,
-        types.LISTENER: {listener.name: listener},
-        types.ROUTE: {route_config.name: route_config},
-    }
+        present = {eid: e for eid, e in endpoints.items() if eid in resolved}
+        routes = pool_routes(pool, present, statuses, now)
+        valid_until = stale_deadline(pool, statuses, now)
+        if (entry is not None and entry.pool == pool and entry.resolved == resolved
+                and _same(entry.endpoints, endpoints) and entry.routes == routes):
+            # Only a status refresh (or time): same routing, same resources.
+            cluster, assignment = entry.cluster, entry.assignment
+        else:
+            self.rebuilt_pools += 1
+            cluster = build_cluster(pool, routes)
+            assignment = build_load_assignment(pool, present, resolved, routes)
+        entry = _PoolEntry(pool, endpoints, statuses, resolved, uses_dns, dns_epoch, now,
+                           valid_until, routes, cluster, assignment)
+        self._pools[pool.name] = entry
+        return entry

@@ -3,13 +3,24 @@
 Requests and snapshots go in, responses (and NACK reports) come out. Rules, per type URL:
 
 - A request whose nonce is not the last one sent for its type is stale and ignored.
+- At most one response per type is in flight: the next goes out when Envoy has answered
+  the last (ACK, NACK, or any request carrying its nonce), and it carries the latest
+  snapshot, so a slow Envoy skips the versions published in between (latest wins).
 - A request with ``error_detail`` is a NACK: reported once, and the rejected version is
   never sent again; only a newer snapshot version is.
-- The first request of a type, a change of subscribed names, or a newer snapshot version
-  gets a response.
-- After a CDS (LDS) response Envoy re-creates the changed clusters (listeners) and asks for
-  their EDS (RDS) again with the version and nonce it already has; that next request is
-  answered, or the new clusters stay warming until the initial fetch timeout.
+- The first request of a type, or newly subscribed names, get a response.
+- CDS and LDS are wildcard: a response carries every resource (the protocol requires the
+  full state for them). EDS and RDS are per name, and a SotW response for them may carry
+  a subset ("the client must not delete the unchanged resources", xDS protocol, grouping
+  resources into responses): only the resources whose version differs from what this
+  stream was sent go out, so a change in pool A sends no EDS for pool B.
+- Push order is CDS before EDS and LDS before RDS, within one change too: while a CDS
+  (LDS) change waits for its in-flight response, EDS (RDS) changes wait behind it.
+- A CDS (LDS) response re-creates the changed clusters (listeners) in Envoy, and those
+  wait for their EDS (RDS) again even when it did not change: the EDS (RDS) response that
+  follows carries them, or, when one is in flight, the answer to Envoy's next EDS (RDS)
+  request does (Envoy re-requests with the version and nonce it has). Unanswered, the
+  re-created clusters stay warming until the initial fetch timeout.
 """
 
 from __future__ import annotations
@@ -22,10 +33,11 @@ from google.protobuf.message import Message
 from control_plane.xds import types
 from control_plane.xds.snapshot import Snapshot
 
-# After a response of the key type, the next request of the value type is answered.
-_RESEND_AFTER = {types.CLUSTER: types.ENDPOINT, types.LISTENER: types.ROUTE}
+# A response of the key type re-creates resources whose value-type resources it owes.
+CHILD = {types.CLUSTER: types.ENDPOINT, types.LISTENER: types.ROUTE}
+PARENT = {child: parent for parent, child in CHILD.items()}
 # Types whose resources are requested by name; the others are wildcard subscriptions.
-_NAMED = (types.ENDPOINT, types.ROUTE)
+NAMED = (types.ENDPOINT, types.ROUTE)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,10 @@ class Response:
     version_info: str
     nonce: str
     resources: tuple[Message, ...]
+    # Names of ``resources`` and the snapshot they come from: the server encodes each from
+    # the snapshot's shared, serialized-once entries.
+    names: tuple[str, ...] = ()
+    snapshot: Snapshot | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -58,14 +74,26 @@ class Nack:
 @dataclass
 class _TypeState:
     subscribed: bool = False
-    names: frozenset[str] | None = None
-    sent_version: str | None = None
+    names: frozenset[str] | None = None  # None: wildcard
+    synced_version: str | None = None  # snapshot type version this stream is up to date with
+    sent_version: str = ""
     sent_nonce: str = ""
     sent_names: tuple[str, ...] = ()
+    in_flight: bool = False
     acked_version: str = ""
     rejected_version: str | None = None
-    resend_pending: bool = False
     reported: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)  # name -> resource version sent
+    owed: set[str] = field(default_factory=set)  # names to send again (parent re-created)
+    owed_all: bool = False
+    answer: bool = False  # a request that must get a response, even an empty one
+
+
+def subscription(type_url: str, resource_names: tuple[str, ...]) -> frozenset[str] | None:
+    """Empty names on CDS/LDS, or the explicit "*", subscribe to everything (None)."""
+    if "*" in resource_names or (type_url not in NAMED and not resource_names):
+        return None
+    return frozenset(resource_names)
 
 
 class AdsStream:
@@ -85,20 +113,24 @@ class AdsStream:
         state = self._types.setdefault(request.type_url, _TypeState())
         if request.response_nonce and request.response_nonce != state.sent_nonce:
             return [], None  # stale: Envoy has not seen our latest response yet
+        if request.response_nonce:
+            state.in_flight = False
         first = not state.subscribed
         state.subscribed = True
-        # Empty names on CDS/LDS, or the explicit "*", subscribe to everything.
-        names = (
-            frozenset(request.resource_names)
-            if (request.type_url in _NAMED or request.resource_names)
-            and "*" not in request.resource_names
-            else None
-        )
-        names_changed = names != state.names
+        names = subscription(request.type_url, request.resource_names)
+        if first:
+            state.answer = True
+        elif names != state.names:
+            if names is None or state.names is None:
+                state.answer = True
+            else:
+                state.answer = state.answer or bool(names - state.names)
+                for gone in state.names - names:
+                    state.known.pop(gone, None)
         state.names = names
         nack: Nack | None = None
         if request.error_message is not None:
-            version = state.sent_version or ""
+            version = state.sent_version
             state.rejected_version = version
             if version not in state.reported:
                 state.reported.add(version)
@@ -107,37 +139,74 @@ class AdsStream:
             state.acked_version = request.version_info
         if not snapshot.versions:
             return [], nack  # nothing read from etcd yet: answer once the first snapshot exists
-        resend = state.resend_pending
-        state.resend_pending = False
-        if first or names_changed or resend or self._is_new(state, snapshot, request.type_url):
-            if request.error_message is not None and not names_changed:
-                return [], nack
-            return [self._respond(request.type_url, state, snapshot)], nack
-        return [], nack
+        return self._flush(snapshot), nack
 
     def on_snapshot(self, snapshot: Snapshot) -> list[Response]:
-        """Responses for every subscribed type whose version changed, in push order."""
-        return [
-            self._respond(type_url, self._types[type_url], snapshot)
-            for type_url in types.PUSH_ORDER
-            if type_url in self._types
-            and self._types[type_url].subscribed
-            and self._is_new(self._types[type_url], snapshot, type_url)
-        ]
+        """Responses for every subscribed type with something new, in push order."""
+        return self._flush(snapshot)
+
+    def _flush(self, snapshot: Snapshot) -> list[Response]:
+        responses: list[Response] = []
+        if not snapshot.versions:
+            return responses  # nothing read from etcd yet: answer once the first snapshot exists
+        held: set[str] = set()
+        for type_url in types.PUSH_ORDER:
+            state = self._types.get(type_url)
+            if state is None or not state.subscribed:
+                continue
+            names = self._due(type_url, state, snapshot)
+            if names is None:
+                continue
+            if state.in_flight or PARENT.get(type_url) in held:
+                held.add(type_url)  # waits for the ACK (and for its parent type)
+                continue
+            responses.append(self._respond(type_url, state, snapshot, names))
+        return responses
 
     @staticmethod
-    def _is_new(state: _TypeState, snapshot: Snapshot, type_url: str) -> bool:
+    def _due(type_url: str, state: _TypeState, snapshot: Snapshot) -> list[str] | None:
+        """Names to send now, or None when nothing is due."""
         version = snapshot.version(type_url)
-        return version != state.sent_version and version != state.rejected_version
+        newer = version not in (state.synced_version, state.rejected_version)
+        present = snapshot.names(type_url)
+        if type_url not in NAMED:
+            return present if newer or state.answer else None
+        if not (newer or state.answer or state.owed or state.owed_all):
+            return None
+        subscribed = present if state.names is None else [n for n in present
+                                                          if n in state.names]
+        due = [n for n in subscribed
+               if state.owed_all or n in state.owed
+               or snapshot.resource_version(type_url, n) != state.known.get(n)]
+        if not due and not state.answer:
+            state.synced_version = version  # nothing of it for this stream
+            state.owed.clear()
+            state.owed_all = False
+            return None
+        return due
 
-    def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot) -> Response:
-        resources = tuple(snapshot.named(type_url, state.names))
+    def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot,
+                 names: list[str]) -> Response:
+        versions = {n: snapshot.resource_version(type_url, n) or "" for n in names}
+        child = CHILD.get(type_url)
+        if child is not None and child in self._types:
+            recreated = [n for n in names if state.known.get(n) != versions[n]]
+            if recreated:
+                if child == types.ENDPOINT:  # a cluster's load assignment has its name
+                    self._types[child].owed.update(recreated)
+                else:
+                    self._types[child].owed_all = True
+        if type_url not in NAMED:
+            state.known = versions
+        else:
+            state.known.update(versions)
         nonce = str(next(self._nonces))
-        state.sent_version = snapshot.version(type_url)
+        state.synced_version = state.sent_version = snapshot.version(type_url)
         state.sent_nonce = nonce
-        state.sent_names = tuple(sorted(getattr(r, "name", "") or getattr(r, "cluster_name", "")
-                                        for r in resources))
-        follower = _RESEND_AFTER.get(type_url)
-        if follower is not None and follower in self._types:
-            self._types[follower].resend_pending = True
-        return Response(type_url, state.sent_version, nonce, resources)
+        state.sent_names = tuple(names)
+        state.in_flight = True
+        state.answer = False
+        state.owed.clear()
+        state.owed_all = False
+        return Response(type_url, state.sent_version, nonce,
+                        tuple(snapshot.named(type_url, names)), tuple(names), snapshot)

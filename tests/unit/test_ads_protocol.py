@@ -2,8 +2,9 @@
 
 In the style of go-control-plane's server tests: every response the stream sends goes through
 ``FakeEnvoy._sent``, which checks that nonces strictly increase on the stream, that the type
-URL is one we serve, that every resource is of that type, and that the version is the one the
-snapshot holds for the type.
+URL is one we serve, that every resource is of that type, that the version is the one the
+snapshot holds for the type, that CDS/LDS responses carry every resource (state of the world)
+and that at most one response per type is in flight (the next waits for Envoy's answer).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class FakeEnvoy:
         self.nacks: list[Nack] = []
         self.last: dict[str, Response] = {}
         self._last_nonce = 0
+        self._unanswered: dict[str, str] = {}  # type -> nonce of the response in flight
 
     def _sent(self, responses: list[Response], snapshot: Snapshot) -> list[Response]:
         for response in responses:
@@ -70,6 +72,11 @@ class FakeEnvoy:
             self._last_nonce = nonce
             assert response.version_info == snapshot.version(response.type_url)
             assert response.version_info, "a response must carry a version"
+            assert response.type_url not in self._unanswered, "two responses in flight"
+            self._unanswered[response.type_url] = response.nonce
+            if response.type_url in (CDS, LDS):
+                assert [resource_name(r) for r in response.resources] == sorted(
+                    snapshot.resources[response.type_url])
             for resource in response.resources:
                 packed = any_pb2.Any()
                 packed.Pack(resource)
@@ -81,6 +88,8 @@ class FakeEnvoy:
     def request(self, type_url: str, snapshot: Snapshot, *, version: str = "",
                 nonce: str = "", names: Iterable[str] = (), error: str | None = None
                 ) -> list[Response]:
+        if nonce and self._unanswered.get(type_url) == nonce:
+            del self._unanswered[type_url]
         responses, nack = self.stream.on_request(
             Request(type_url, version, nonce, tuple(names), error), snapshot
         )
@@ -157,39 +166,61 @@ def test_acked_empty_before_any_ack() -> None:
     assert envoy.stream.acked(CDS) == ""
 
 
-def test_stale_nonce_ignored() -> None:
+def test_one_response_per_type_in_flight_and_latest_wins() -> None:
     envoy = FakeEnvoy()
     (first,) = envoy.request(CDS, V1)
+    # Envoy has not answered v1 yet: v2 and v3 wait, and only the latest goes out.
+    assert envoy.publish(bump(V1, CDS, version="v2")) == []
+    v3 = bump(V1, CDS, version="v3")
+    assert envoy.publish(v3) == []
+    (latest,) = envoy.ack(first, v3)
+    assert latest.version_info == "v3"
+    assert envoy.stream.acked(CDS) == "v1"
+    assert envoy.ack(latest, v3) == []
+    assert [r.version_info for r in envoy.sent] == ["v1", "v3"]
+
+
+def test_stale_nonce_ignored() -> None:
+    envoy = FakeEnvoy()
+    (zero,) = envoy.request(CDS, V1)
     v2 = bump(V1, CDS, version="v2")
-    (second,) = envoy.publish(v2)
+    (first,) = envoy.ack(zero, v2)
+    assert first.version_info == "v2"
+    v3 = bump(V1, CDS, version="v3")
+    (second,) = envoy.request(CDS, v3, version="v1", nonce=first.nonce)  # a re-request
+    assert second.version_info == "v3"
     # Envoy ACKs the first response after we sent the second: stale, ignored.
-    assert envoy.ack(first, v2) == []
-    assert envoy.stream.acked(CDS) == ""
+    assert envoy.ack(first, v3) == []
+    assert envoy.stream.acked(CDS) == "v1"
     # A NACK of the superseded response is stale as well: not reported, nothing re-sent.
-    assert envoy.nack(first, v2) == []
+    assert envoy.nack(first, v3) == []
     assert envoy.nacks == []
     # A nonce this stream never sent for the type (here: another type's) is stale too.
-    (eds,) = envoy.request(EDS, v2, names=["a"])
-    assert envoy.request(CDS, v2, version="v2", nonce=eds.nonce) == []
-    assert envoy.stream.acked(CDS) == ""
-    assert envoy.ack(second, v2) == []
-    assert envoy.stream.acked(CDS) == "v2"
+    (eds,) = envoy.request(EDS, v3, names=["a"])
+    assert envoy.request(CDS, v3, version="v3", nonce=eds.nonce) == []
+    assert envoy.stream.acked(CDS) == "v1"
+    assert envoy.ack(second, v3) == []
+    assert envoy.stream.acked(CDS) == "v3"
 
 
 def test_stale_request_with_new_names_ignored() -> None:
     envoy = FakeEnvoy()
     (first,) = envoy.request(EDS, V1, names=["a"])
     v2 = bump(V1, EDS, version="v2")
-    envoy.publish(v2)
+    (second,) = envoy.ack(first, v2, names=["a"])
     assert envoy.request(EDS, v2, version="v1", nonce=first.nonce, names=["a", "b"]) == []
+    (more,) = envoy.ack(second, v2, names=["a", "b"])
+    assert [resource_name(r) for r in more.resources] == ["b"]
 
 
 def test_nack_reported_once_and_rejected_version_never_resent() -> None:
     envoy = FakeEnvoy()
     envoy.connect(V1)
     v2 = bump(V1, CDS, version="v2")
-    (pushed,) = envoy.publish(v2)
+    pushed, owed = envoy.publish(v2)
     assert pushed.type_url == CDS and pushed.version_info == "v2"
+    assert owed.type_url == EDS  # the re-created clusters' load assignments follow
+    assert envoy.ack(owed, v2, names=["a", "b"]) == []
     assert envoy.nack(pushed, v2, accepted="v1", error="cluster b: bad lb") == []
     assert envoy.nacks == [Nack(CDS, "v2", "cluster b: bad lb", ("a", "b"))]
     assert envoy.stream.acked(CDS) == "v1"  # a NACK acknowledges nothing
@@ -204,7 +235,7 @@ def test_nack_reported_once_and_rejected_version_never_resent() -> None:
     assert all(r.type_url != CDS for r in envoy.ack(envoy.last[EDS], v2b, names=["a", "b"]))
     # A newer CDS version is sent, and a NACK of it is reported again.
     v3 = bump(v2b, CDS, version="v3")
-    (fixed,) = envoy.publish(v3)
+    fixed, _ = envoy.publish(v3)
     assert fixed.type_url == CDS and fixed.version_info == "v3"
     envoy.nack(fixed, v3, accepted="v1", error="still bad")
     assert [n.version_info for n in envoy.nacks] == ["v2", "v3"]
@@ -218,37 +249,56 @@ def test_nack_of_named_type_reports_the_names_sent() -> None:
 
 
 def test_nack_then_newer_version_in_the_snapshot_given_to_the_request() -> None:
-    # The server hands on_request its latest snapshot; the newer version still goes out
-    # through on_snapshot, which follows in the stream's event queue.
+    # The server hands on_request its latest snapshot: the NACK ends the response in
+    # flight, so the newer version goes out at once, and not again on publish.
     envoy = FakeEnvoy()
     (cds,) = envoy.request(CDS, V1)
     v2 = bump(V1, CDS, version="v2")
-    assert envoy.nack(cds, v2) == []
+    (pushed,) = envoy.nack(cds, v2)
     assert [n.version_info for n in envoy.nacks] == ["v1"]
-    (pushed,) = envoy.publish(v2)
     assert pushed.version_info == "v2"
+    assert envoy.publish(v2) == []
 
 
 @pytest.mark.parametrize(("parent", "child", "names"),
                          [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
-def test_rerequest_after_parent_push_is_answered(parent: str, child: str,
-                                                 names: tuple[str, ...]) -> None:
+def test_parent_push_sends_the_recreated_childrens_resources_after_it(
+        parent: str, child: str, names: tuple[str, ...]) -> None:
     envoy = FakeEnvoy()
     envoy.connect(V1)
-    child_response = envoy.last[child]
     v2 = bump(V1, parent, version="v2")
-    (pushed,) = envoy.publish(v2)
-    assert pushed.type_url == parent
-    assert envoy.ack(pushed, v2) == []
-    # Envoy re-created the clusters (listeners) and asks for their EDS (RDS) again with the
-    # version and nonce it already has: looks like an ACK, must be answered.
-    (again,) = envoy.request(child, v2, version=child_response.version_info,
-                             nonce=child_response.nonce, names=names)
-    assert again.type_url == child
+    # Envoy re-creates the changed clusters (listeners), which wait for their EDS (RDS)
+    # even though it did not change: it follows the parent, at its unchanged version.
+    pushed, again = envoy.publish(v2)
+    assert (pushed.type_url, again.type_url) == (parent, child)
     assert again.version_info == "v1"
     assert [resource_name(r) for r in again.resources] == sorted(names)
+    assert envoy.ack(pushed, v2) == []
+    # Envoy's re-request carries the version and nonce it has: nothing more is owed.
+    assert envoy.request(child, v2, version="v1", nonce=again.nonce, names=names) == []
+
+
+@pytest.mark.parametrize(("parent", "child", "names"),
+                         [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
+def test_rerequest_after_parent_push_is_answered_when_child_was_in_flight(
+        parent: str, child: str, names: tuple[str, ...]) -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    v2 = bump(V1, child, version="v2")
+    (in_flight,) = envoy.publish(v2)
+    assert in_flight.type_url == child
+    v3 = bump(v2, parent, version="v3")
+    (pushed,) = envoy.publish(v3)  # the child owes the re-created ones but waits
+    assert pushed.type_url == parent
+    assert envoy.ack(pushed, v3) == []
+    # Envoy re-created the clusters (listeners) and asks for their EDS (RDS) again with the
+    # version and nonce it already has: looks like an ACK, must be answered.
+    (again,) = envoy.request(child, v3, version="v2", nonce=in_flight.nonce, names=names)
+    assert again.type_url == child
+    assert again.version_info == "v2"
+    assert [resource_name(r) for r in again.resources] == sorted(names)
     # Answered once: the ACK of that answer is not answered again.
-    assert envoy.ack(again, v2, names=names) == []
+    assert envoy.ack(again, v3, names=names) == []
 
 
 @pytest.mark.parametrize(("parent", "child", "names"),
@@ -265,47 +315,87 @@ def test_rerequest_without_parent_push_not_answered(parent: str, child: str,
                          nonce=child_response.nonce, names=names) == []
 
 
-def test_rerequest_after_cds_with_new_cluster_names_answered() -> None:
+def test_cds_with_a_new_cluster_then_its_eds_when_subscribed() -> None:
     envoy = FakeEnvoy()
     envoy.connect(V1)
-    eds = envoy.last[EDS]
     v2 = make_snapshot({CDS: "v2", EDS: "v1", LDS: "v1", RDS: "v1"}, clusters=("a", "b", "c"))
-    (cds,) = envoy.publish(v2)
+    cds, eds = envoy.publish(v2)
     assert [resource_name(r) for r in cds.resources] == ["a", "b", "c"]
-    (again,) = envoy.request(EDS, v2, version="v1", nonce=eds.nonce, names=["a", "b", "c"])
-    assert [resource_name(r) for r in again.resources] == ["a", "b", "c"]
+    assert [resource_name(r) for r in eds.resources] == ["a", "b"]  # re-created, subscribed
+    (new,) = envoy.ack(eds, v2, names=["a", "b", "c"])
+    assert [resource_name(r) for r in new.resources] == ["c"]
+    assert envoy.ack(new, v2, names=["a", "b", "c"]) == []
 
 
 @pytest.mark.parametrize(("parent", "child", "names"),
                          [(CDS, EDS, ("a", "b")), (LDS, RDS, ("hotpath",))])
-def test_child_pushed_with_parent_is_answered_once_more_then_quiet(
+def test_child_pushed_with_parent_then_quiet(
         parent: str, child: str, names: tuple[str, ...]) -> None:
     envoy = FakeEnvoy()
     envoy.connect(V1)
     v2 = bump(V1, parent, child, version="v2")
     assert [r.type_url for r in envoy.publish(v2)] == [parent, child]
-    # Envoy may subscribe the re-created clusters (listeners) after the EDS (RDS) response
-    # that went along was applied; its next EDS (RDS) request is answered once more, so a
-    # re-created cluster never waits for the initial fetch timeout. Then the stream is quiet.
+    # The EDS (RDS) response went after the parent's, so the re-created clusters
+    # (listeners) got theirs: the ACKs are not answered.
     assert envoy.ack(envoy.last[parent], v2) == []
-    (again,) = envoy.ack(envoy.last[child], v2, names=names)
-    assert again.type_url == child and again.version_info == "v2"
-    assert envoy.ack(again, v2, names=names) == []
+    assert envoy.ack(envoy.last[child], v2, names=names) == []
 
 
-def test_names_change_answered() -> None:
+def test_only_changed_named_resources_are_sent() -> None:
+    envoy = FakeEnvoy()
+    snapshot = Snapshot(resources=V1.resources, versions=V1.versions,
+                        resource_versions={EDS: {"a": "1-a", "b": "1-b"}})
+    envoy.connect(snapshot)
+    v2 = Snapshot(resources=V1.resources, versions={**V1.versions, EDS: "v2"},
+                  resource_versions={EDS: {"a": "2-a", "b": "1-b"}})
+    (eds,) = envoy.publish(v2)  # pool A changed: no EDS for pool B
+    assert [resource_name(r) for r in eds.resources] == ["a"]
+    assert eds.version_info == "v2"
+    assert envoy.ack(eds, v2, names=["a", "b"]) == []
+
+
+def test_change_of_an_unsubscribed_resource_sends_nothing() -> None:
+    envoy = FakeEnvoy()
+    snapshot = Snapshot(resources=V1.resources, versions=V1.versions,
+                        resource_versions={EDS: {"a": "1-a", "b": "1-b"}})
+    envoy.connect(snapshot, eds=["b"])
+    v2 = Snapshot(resources=V1.resources, versions={**V1.versions, EDS: "v2"},
+                  resource_versions={EDS: {"a": "2-a", "b": "1-b"}})
+    assert envoy.publish(v2) == []
+    v3 = Snapshot(resources=V1.resources, versions={**V1.versions, EDS: "v3"},
+                  resource_versions={EDS: {"a": "2-a", "b": "3-b"}})
+    (eds,) = envoy.publish(v3)
+    assert [resource_name(r) for r in eds.resources] == ["b"]
+
+
+def test_cds_waits_in_flight_and_eds_waits_behind_it() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1)
+    v2 = bump(V1, CDS, EDS, version="v2")
+    cds, eds = envoy.publish(v2)
+    assert envoy.ack(eds, v2, names=["a", "b"]) == []
+    # CDS v2 is not ACKed yet; v3 changes both: EDS must not overtake its CDS.
+    v3 = bump(v2, CDS, EDS, version="v3")
+    assert envoy.publish(v3) == []
+    assert [(r.type_url, r.version_info) for r in envoy.ack(cds, v3)] == [
+        (CDS, "v3"), (EDS, "v3")]
+
+
+def test_names_change_answered_with_the_new_names() -> None:
     envoy = FakeEnvoy()
     (eds,) = envoy.request(EDS, V1, names=["a"])
     assert envoy.ack(eds, V1, names=["a"]) == []
     (more,) = envoy.ack(eds, V1, names=["a", "b"])  # same version and nonce, new names
-    assert [resource_name(r) for r in more.resources] == ["a", "b"]
+    assert [resource_name(r) for r in more.resources] == ["b"]  # a: Envoy has it
     assert more.version_info == "v1"
-    (fewer,) = envoy.ack(more, V1, names=["b"])
-    assert [resource_name(r) for r in fewer.resources] == ["b"]
-    assert envoy.ack(fewer, V1, names=["b"]) == []
+    # Fewer names: nothing to send (SotW EDS responses never remove resources).
+    assert envoy.ack(more, V1, names=["b"]) == []
     # Name order is not a change.
-    (both,) = envoy.ack(fewer, V1, names=["b", "a"])
-    assert envoy.ack(both, V1, names=["a", "b"]) == []
+    assert envoy.ack(more, V1, names=["b"]) == []
+    # A name subscribed again is sent again: Envoy dropped it when it unsubscribed.
+    (back,) = envoy.ack(more, V1, names=["b", "a"])
+    assert [resource_name(r) for r in back.resources] == ["a"]
+    assert envoy.ack(back, V1, names=["a", "b"]) == []
 
 
 def test_publish_sends_only_subscribed_names() -> None:
@@ -339,15 +429,23 @@ def test_publish_sends_nothing_to_a_stream_with_no_subscription() -> None:
 def test_on_snapshot_sends_only_changed_types_in_push_order() -> None:
     envoy = FakeEnvoy()
     # Subscribed in reverse order: the push order is the protocol's, not the subscriptions'.
-    for type_url, names in ((RDS, ("hotpath",)), (LDS, ()), (EDS, ("a", "b")), (CDS, ())):
-        (response,) = envoy.request(type_url, V1, names=names)
-        envoy.ack(response, V1, names=names)
-    v2 = make_snapshot("v2")
-    assert [r.type_url for r in envoy.publish(v2)] == [CDS, EDS, LDS, RDS]
-    v3 = bump(v2, RDS, EDS, version="v3")
-    assert [r.type_url for r in envoy.publish(v3)] == [EDS, RDS]
-    v4 = bump(v3, LDS, version="v4")
-    assert [r.type_url for r in envoy.publish(v4)] == [LDS]
+    subscribed = {RDS: ("hotpath",), LDS: (), EDS: ("a", "b"), CDS: ()}
+    for type_url, names in subscribed.items():
+        # A listener (cluster) response also sends the routes (load assignments) it owes.
+        for response in envoy.request(type_url, V1, names=names):
+            envoy.ack(response, V1, names=subscribed[response.type_url])
+
+    def pushed(snapshot: Snapshot) -> list[str]:
+        responses = envoy.publish(snapshot)
+        for response in responses:
+            assert envoy.ack(response, snapshot, names=subscribed[response.type_url]) == []
+        return [r.type_url for r in responses]
+
+    assert pushed(make_snapshot("v2")) == [CDS, EDS, LDS, RDS]
+    v3 = bump(make_snapshot("v2"), RDS, EDS, version="v3")
+    assert pushed(v3) == [EDS, RDS]
+    # A new listener version re-creates the listener: its routes follow, unchanged.
+    assert pushed(bump(v3, LDS, version="v4")) == [LDS, RDS]
 
 
 def test_request_with_newer_snapshot_answers_with_it() -> None:

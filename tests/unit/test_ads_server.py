@@ -187,9 +187,10 @@ async def test_two_concurrent_streams_both_receive_update(
         assert sorted(servicer.stats.connected.values()) == ["envoy-0", "envoy-1"]
         servicer.publish(make_snapshot("2-b", ("chat", "code")))
         updates = await asyncio.gather(*(client.read() for client in clients))
-        for update in updates:
+        for client, update in zip(clients, updates, strict=True):
             assert (update.type_url, update.version_info) == (CDS, "2-b")
             assert cluster_names(update) == ["chat", "code"]
+            await client.ack(update)  # one response per type in flight: the next waits
         assert servicer.stats.pushes == {"CDS": 4}
         await clients[0].close()
         assert list(servicer.stats.connected.values()) == ["envoy-1"]
@@ -299,3 +300,77 @@ def test_to_message_packs_resources() -> None:
     (packed,) = message.resources
     assert packed.type_url == CDS
     assert cluster_names(message) == ["chat"]
+
+
+# --- latest wins, shared encoding, delta ----------------------------------------------------
+
+
+async def test_stalled_stream_receives_only_the_latest_version(
+    server: tuple[AdsServicer, int], channel: grpc.aio.Channel
+) -> None:
+    servicer, _ = server
+    servicer.publish(make_snapshot("1-a"))
+    client = Client(channel)
+    await client.send(request(CDS, node="envoy-slow"))
+    first = await client.read()
+    # Envoy is busy applying v1: every version published meanwhile waits, and only the
+    # newest is sent once it answers.
+    for n in range(2, 30):
+        servicer.publish(make_snapshot(f"{n}-x", ("chat", f"c{n}")))
+    await asyncio.sleep(0.1)
+    await client.ack(first)
+    latest = await client.read()
+    assert (latest.type_url, latest.version_info) == (CDS, "29-x")
+    assert cluster_names(latest) == ["c29", "chat"]
+    await client.ack(latest)
+    await client.send(request(EDS, names=("chat",)))
+    assert (await client.read()).type_url == EDS
+    await client.close()
+    assert servicer.stats.pushes == {"CDS": 2, "EDS": 1}
+
+
+def test_encoded_response_equals_the_packed_message() -> None:
+    from control_plane.xds.protocol import AdsStream
+    from control_plane.xds.server import encode
+
+    snapshot = make_snapshot("1-a", ("chat", "code"))
+    (response,) = AdsStream().on_request(Request(CDS), snapshot)[0]
+    decoded = discovery_pb2.DiscoveryResponse.FromString(encode(response))
+    assert decoded == to_message(response)
+    # The entries are made once per resource version and shared by every stream.
+    assert snapshot.sotw_entry(CDS, "chat") is snapshot.sotw_entry(CDS, "chat")
+
+
+async def test_delta_stream_subscribes_and_receives_only_changes(
+    server: tuple[AdsServicer, int], channel: grpc.aio.Channel
+) -> None:
+    servicer, _ = server
+    servicer.publish(make_snapshot("1-a", ("chat", "code")))
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+    call: Any = stub.DeltaAggregatedResources()
+
+    async def read() -> discovery_pb2.DeltaDiscoveryResponse:
+        reply = await asyncio.wait_for(call.read(), TIMEOUT)
+        assert isinstance(reply, discovery_pb2.DeltaDiscoveryResponse)
+        return reply
+
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(
+        type_url=CDS, node=base_pb2.Node(id="envoy-delta")))
+    cds = await read()
+    assert [r.name for r in cds.resources] == ["chat", "code"]
+    assert all(r.version == "1-a" for r in cds.resources)
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, response_nonce=cds.nonce))
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(
+        type_url=EDS, resource_names_subscribe=["chat"]))
+    eds = await read()
+    assert [r.name for r in eds.resources] == ["chat"]
+    await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, response_nonce=eds.nonce))
+    servicer.publish(make_snapshot("2-b", ("chat",)))
+    cds2 = await read()
+    assert list(cds2.removed_resources) == ["code"]
+    assert [r.name for r in cds2.resources] == ["chat"]
+    eds2 = await read()
+    assert eds2.type_url == EDS and [r.name for r in eds2.resources] == ["chat"]
+    assert list(servicer.stats.connected.values()) == ["envoy-delta"]
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), TIMEOUT) is grpc.aio.EOF

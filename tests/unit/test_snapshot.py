@@ -287,7 +287,7 @@ def test_a_change_in_one_pool_keeps_the_other_pools_resource_versions() -> None:
     assert first and moved
     assert moved.resource_version(types.ENDPOINT, "code") == first.resource_version(
         types.ENDPOINT, "code")
-    assert moved.resource_version(types.ENDPOINT, "chat", ).startswith("2-")  # type: ignore[union-attr]
+    assert str(moved.resource_version(types.ENDPOINT, "chat")).startswith("2-")
     assert moved.resource_version(types.ENDPOINT, "gone") is None
 
 

@@ -1,0 +1,296 @@
+"""Fleet scale: pools x endpoints, N simulated ADS clients, churn; optionally a real Envoy.
+
+Starts a real etcd and the control plane (a child process, so its CPU is its own) on free
+loopback ports, writes ``--pools`` pools of ``--endpoints`` endpoints, connects
+``--clients`` simulated SotW ADS clients (grpc streams that subscribe to CDS, every EDS,
+LDS and RDS and ACK every response) and, with ``--envoy``, one real Envoy. Then:
+
+- ``--changes`` single endpoint weight changes, one at a time: time until every client got
+  its EDS response, bytes per client, control-plane CPU per change, Envoy's apply time
+  (its ``cluster.<pool>.update_success`` moved and nothing is warming);
+- idle control-plane CPU over ``--idle-s`` seconds with nothing changing;
+- with ``--churn N``: N weight changes per second on pool p0 for ``--churn-s`` seconds,
+  then how long after the last write Envoy's hosts match etcd.
+
+    .venv/bin/python benchmarks/scale.py --pools 10 --endpoints 1000 --clients 10 --envoy
+    .venv/bin/python benchmarks/scale.py --pools 1 --endpoints 1000 --clients 1 --envoy \\
+        --changes 0 --churn 20 --churn-s 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from control_plane.runtime.envoy_admin import parse_clusters  # noqa: E402
+from control_plane.store.etcd import EtcdSettings, etcd_client, put_json  # noqa: E402
+from control_plane.xds import types  # noqa: E402
+from tests.harness import make_stack, new_etcd, wait_for  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Client:
+    """One simulated Envoy: subscribes to everything, ACKs everything."""
+
+    channel: grpc.aio.Channel
+    name: str
+    received: list[tuple[float, str, int]] = field(default_factory=list)  # time, type, bytes
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        call: Any = self.channel.stream_stream(
+            ADS, request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=lambda raw: raw)()
+        first = discovery_pb2.DiscoveryRequest(type_url=types.CLUSTER)
+        first.node.id = self.name
+        await call.write(first)
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=types.LISTENER))
+        eds_names: list[str] = []
+        while True:
+            raw = await call.read()
+            if raw is grpc.aio.EOF:
+                return
+            now = time.monotonic()
+            reply = discovery_pb2.DiscoveryResponse.FromString(raw)
+            self.received.append((now, reply.type_url, len(raw)))
+            names: list[str] = []
+            if reply.type_url == types.CLUSTER:
+                # Cluster names without unpacking: hotpath names clusters after pools.
+                names_now = sorted(_cluster_name(a.value) for a in reply.resources)
+                await call.write(discovery_pb2.DiscoveryRequest(
+                    type_url=types.CLUSTER, version_info=reply.version_info,
+                    response_nonce=reply.nonce))
+                if names_now != eds_names:
+                    eds_names = names_now
+                    await call.write(discovery_pb2.DiscoveryRequest(
+                        type_url=types.ENDPOINT, resource_names=eds_names))
+                continue
+            if reply.type_url == types.ENDPOINT:
+                names = eds_names
+                self.ready.set()
+            elif reply.type_url == types.ROUTE:
+                names = ["hotpath"]
+            elif reply.type_url == types.LISTENER:
+                await call.write(discovery_pb2.DiscoveryRequest(
+                    type_url=types.ROUTE, resource_names=["hotpath"]))
+            await call.write(discovery_pb2.DiscoveryRequest(
+                type_url=reply.type_url, version_info=reply.version_info,
+                response_nonce=reply.nonce, resource_names=names))
+
+
+def _cluster_name(value: bytes) -> str:
+    # Cluster.name is field 1 (length-delimited); builders always set it first.
+    assert value[0] == 0x0A
+    length, pos = 0, 1
+    shift = 0
+    while True:
+        byte = value[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            break
+        shift += 7
+    return value[pos:pos + length].decode()
+
+
+def envoy_stats(admin: str, names: list[str]) -> dict[str, int]:
+    pattern = "|".join(f"^{n}$" for n in names)
+    with urllib.request.urlopen(f"{admin}/stats?filter={pattern}", timeout=5) as reply:
+        text = reply.read().decode()
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if value.strip().lstrip("-").isdigit():
+            found[key] = int(value)
+    return found
+
+
+def envoy_weights(admin: str, pool: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{admin}/clusters?format=json", timeout=10) as reply:
+        import json
+
+        data = json.load(reply)
+    return {h.hostname: h.weight for h in parse_clusters(data) if h.cluster == pool}
+
+
+async def main(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="hotpath-scale-"))
+    etcd = new_etcd(tmp)
+    prefix = "/scale/"
+    settings = EtcdSettings(urls=etcd.url, prefix=prefix)
+    stack = make_stack(tmp, etcd.url, prefix, envoys=1 if args.envoy else 0)
+    cp_pid = stack.control_plane.process.pid  # type: ignore[union-attr]
+    weights: dict[tuple[str, str], int] = {}
+    rows: list[tuple[str, str]] = []
+    try:
+        async with etcd_client(settings) as client:
+            for p in range(args.pools):
+                await put_json(client, settings, f"pools/p{p}", {"models": [f"m{p}"]})
+            keys = [(f"p{p}", f"e{i}") for p in range(args.pools) for i in range(args.endpoints)]
+            for start in range(0, len(keys), 200):
+                await asyncio.gather(*(
+                    put_json(client, settings, f"endpoints/{pool}/{eid}",
+                             {"address": f"10.{p // 250}.{p % 250}.{i % 250 + 1}",
+                              "port": 8000 + i // 250})
+                    for n, (pool, eid) in enumerate(keys[start:start + 200])
+                    for p, i in [divmod(start + n, args.endpoints)]))
+            weights = {key: 1 for key in keys}
+            channels = [grpc.aio.insecure_channel(
+                f"127.0.0.1:{stack.control_plane.xds_port}",
+                options=[("grpc.use_local_subchannel_pool", 1),
+                         ("grpc.max_receive_message_length", 256 * 1024 * 1024)])
+                for _ in range(args.clients)]
+            clients = [Client(ch, f"sim-{n}") for n, ch in enumerate(channels)]
+            tasks = [asyncio.create_task(c.run()) for c in clients]
+            await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), 120)
+            admin = stack.envoy.admin_url if args.envoy else ""
+            if args.envoy:
+                await asyncio.to_thread(
+                    wait_for, lambda: len(envoy_weights(admin, "p0")) == args.endpoints, 120,
+                    "Envoy to have every host")
+            # Caught up: every client has heard nothing for 2 s (the control plane follows
+            # the 10,000 writes above for a while after they are done).
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                newest = max(c.received[-1][0] for c in clients)
+                if time.monotonic() - newest > 2:
+                    break
+                await asyncio.sleep(0.2)
+
+            latencies, volumes, cpus, applies = [], [], [], []
+            for n in range(args.changes):
+                key = ("p0", f"e{n % args.endpoints}")
+                weights[key] = 2 if weights[key] == 1 else 1
+                stat_names = ["cluster.p0.update_success", "cluster_manager.warming_clusters"]
+                before_stats = envoy_stats(admin, stat_names) if args.envoy else {}
+                marks = [len(c.received) for c in clients]
+                cpu0 = cpu_s(cp_pid)
+                t0 = time.monotonic()
+                await put_json(client, settings, f"endpoints/{key[0]}/{key[1]}",
+                               {"address": f"10.0.0.{int(key[1][1:]) % 250 + 1}",
+                                "port": 8000 + int(key[1][1:]) // 250,
+                                "weight": weights[key]})
+                applied = None
+                deadline = t0 + 30
+                while time.monotonic() < deadline:
+                    done = all(any(t == types.ENDPOINT for _, t, _ in c.received[m:])
+                               for c, m in zip(clients, marks, strict=True))
+                    if args.envoy and applied is None:
+                        now_stats = await asyncio.to_thread(envoy_stats, admin, stat_names)
+                        if (now_stats.get("cluster.p0.update_success", 0)
+                                > before_stats.get("cluster.p0.update_success", 0)
+                                and now_stats.get("cluster_manager.warming_clusters") == 0):
+                            applied = time.monotonic() - t0
+                    if done and (applied is not None or not args.envoy):
+                        break
+                    await asyncio.sleep(0.002)
+                last = max(next(t for t, kind, _ in c.received[m:] if kind == types.ENDPOINT)
+                           for c, m in zip(clients, marks, strict=True))
+                latencies.append(last - t0)
+                await asyncio.sleep(1.0)  # every follow-up response (re-requests) arrives
+                volumes.append(statistics.mean(sum(b for _, _, b in c.received[m:])
+                                               for c, m in zip(clients, marks, strict=True)))
+                cpus.append(cpu_s(cp_pid) - cpu0)
+                if applied is not None:
+                    applies.append(applied)
+            if latencies:
+                rows.append(("one change -> all clients (median / max ms)",
+                             f"{statistics.median(latencies) * 1000:.0f} / "
+                             f"{max(latencies) * 1000:.0f}"))
+                rows.append(("bytes per client per change (KiB)",
+                             f"{statistics.median(volumes) / 1024:.1f}"))
+                rows.append(("control-plane CPU per change (ms, incl. 1 s after)",
+                             f"{statistics.median(cpus) * 1000:.0f}"))
+            if applies:
+                rows.append(("Envoy applied (median / max ms)",
+                             f"{statistics.median(applies) * 1000:.0f} / "
+                             f"{max(applies) * 1000:.0f}"))
+
+            cpu0, t0 = cpu_s(cp_pid), time.monotonic()
+            await asyncio.sleep(args.idle_s)
+            rows.append((f"idle control-plane CPU over {args.idle_s:.0f} s (%)",
+                         f"{(cpu_s(cp_pid) - cpu0) / (time.monotonic() - t0) * 100:.2f}"))
+
+            if args.churn:
+                rng = random.Random(7)
+                pool_keys = [k for k in keys if k[0] == "p0"]
+                cpu0 = cpu_s(cp_pid)
+                start = time.monotonic()
+                n = 0
+                while time.monotonic() - start < args.churn_s:
+                    key = rng.choice(pool_keys)
+                    weights[key] = rng.randint(1, 4)
+                    i = int(key[1][1:])
+                    await put_json(client, settings, f"endpoints/{key[0]}/{key[1]}",
+                                   {"address": f"10.0.0.{i % 250 + 1}", "port": 8000 + i // 250,
+                                    "weight": weights[key]})
+                    n += 1
+                    await asyncio.sleep(max(0.0, start + n / args.churn - time.monotonic()))
+                last_write = time.monotonic()
+                rows.append((f"churn: writes at {args.churn}/s for {args.churn_s:.0f} s", str(n)))
+                if args.envoy:
+                    expected = {eid: w for (pool, eid), w in weights.items() if pool == "p0"}
+                    await asyncio.to_thread(
+                        wait_for, lambda: envoy_weights(admin, "p0") == expected, 60,
+                        "Envoy to match etcd", 0.05)
+                    rows.append(("churn: Envoy matches etcd after the last write (ms)",
+                                 f"{(time.monotonic() - last_write) * 1000:.0f}"))
+                rows.append(("churn: control-plane CPU (% of one core)",
+                             f"{(cpu_s(cp_pid) - cpu0) / (time.monotonic() - start) * 100:.0f}"))
+            if args.envoy:
+                rows.append(("Envoy RSS (MiB)",
+                             f"{rss_mib(stack.envoy.process.pid):.0f}"))  # type: ignore[union-attr]
+            for task in tasks:
+                task.cancel()
+            for ch in channels:
+                await ch.close()
+    finally:
+        stack.close()
+        etcd.stop()
+    title = (f"{args.pools} pools x {args.endpoints} endpoints, {args.clients} clients"
+             + (", real Envoy" if args.envoy else ""))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{title}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pools", type=int, default=10)
+    parser.add_argument("--endpoints", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--envoy", action="store_true", help="attach one real Envoy")
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--churn", type=int, default=0, help="writes per second on pool p0")
+    parser.add_argument("--churn-s", type=float, default=30.0)
+    asyncio.run(main(parser.parse_args()))
