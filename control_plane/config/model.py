@@ -77,13 +77,32 @@ class Endpoint:
         return is_ip(self.address)
 
 
+class Source(StrEnum):
+    """Which signal decided a status: the prober's own probes, or real traffic."""
+
+    PROBE = "probe"
+    TRAFFIC = "traffic"
+
+
+@dataclass(frozen=True)
+class TrafficSummary:
+    """Real traffic's time to first token over a window, as a status records it."""
+
+    p50_ms: float
+    p90_ms: float
+    rps: float
+    window_s: float
+
+
 @dataclass(frozen=True)
 class Status:
     pool: str
     id: str
     state: WarmState
-    ttft_ms: float | None
+    ttft_ms: float | None  # the value that decided ``state``
     checked_at: float
+    source: Source | None = None  # None: a writer that does not say
+    traffic: TrafficSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -284,7 +303,7 @@ def parse_endpoint(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> E
     return Endpoint(pool=pool, id=endpoint_id, address=address, port=port, weight=weight)
 
 
-_STATUS_FIELDS = ("state", "ttft_ms", "checked_at")
+_STATUS_FIELDS = ("state", "ttft_ms", "checked_at", "source", "traffic")
 
 
 def parse_status(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Status:
@@ -304,7 +323,33 @@ def parse_status(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Sta
     if "checked_at" not in value:
         raise ConfigError(key, "checked_at is required (unix seconds)")
     checked_at = float(_number(key, "checked_at", value["checked_at"], minimum=0))
-    return Status(pool=pool, id=endpoint_id, state=state, ttft_ms=ttft, checked_at=checked_at)
+    source = None
+    if value.get("source") is not None:
+        try:
+            source = Source(str(value["source"]))
+        except ValueError:
+            raise ConfigError(key, f"source must be probe or traffic, got "
+                                   f"{json.dumps(value['source'])}") from None
+    traffic = None
+    if value.get("traffic") is not None:
+        traffic = _traffic_summary(key, value["traffic"])
+    return Status(pool=pool, id=endpoint_id, state=state, ttft_ms=ttft, checked_at=checked_at,
+                  source=source, traffic=traffic)
+
+
+_TRAFFIC_FIELDS = ("p50_ms", "p90_ms", "rps", "window_s")
+
+
+def _traffic_summary(key: str, value: Any) -> TrafficSummary:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"traffic must be an object, got {json.dumps(value)}")
+    _reject_unknown(key, value, _TRAFFIC_FIELDS)
+    numbers = {}
+    for name in _TRAFFIC_FIELDS:
+        if name not in value:
+            raise ConfigError(key, f"traffic.{name} is required")
+        numbers[name] = float(_number(key, f"traffic.{name}", value[name], minimum=0))
+    return TrafficSummary(**numbers)
 
 
 def pool_to_json(pool: Pool) -> dict[str, Any]:
@@ -335,7 +380,14 @@ def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
 
 
 def status_to_json(status: Status) -> dict[str, Any]:
-    return {"state": status.state.value, "ttft_ms": status.ttft_ms, "checked_at": status.checked_at}
+    value: dict[str, Any] = {"state": status.state.value, "ttft_ms": status.ttft_ms,
+                             "checked_at": status.checked_at}
+    if status.source is not None:
+        value["source"] = status.source.value
+    if status.traffic is not None:
+        value["traffic"] = {name: round(getattr(status.traffic, name), 3)
+                            for name in _TRAFFIC_FIELDS}
+    return value
 
 
 @dataclass(frozen=True)

@@ -378,7 +378,12 @@ def test_endpoint_address_rejected(address: str) -> None:
         ({"state": "warm", "checked_at": 1, "ttft_ms": False},
          "status/chat/gpu-0: ttft_ms must be a number, got false"),
         ({"state": "warm", "checked_at": 1, "ttfb_ms": 3},
-         "status/chat/gpu-0: unknown field(s) ttfb_ms (allowed: state, ttft_ms, checked_at)"),
+         "status/chat/gpu-0: unknown field(s) ttfb_ms "
+         "(allowed: state, ttft_ms, checked_at, source, traffic)"),
+        ({"state": "warm", "checked_at": 1, "source": "guess"},
+         'status/chat/gpu-0: source must be probe or traffic, got "guess"'),
+        ({"state": "warm", "checked_at": 1, "traffic": {"p50_ms": 1}},
+         "status/chat/gpu-0: traffic.p90_ms is required"),
     ],
 )
 def test_status_validation_messages(value: Any, message: str) -> None:
