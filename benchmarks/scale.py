@@ -12,9 +12,22 @@ LDS and RDS and ACK every response) and, with ``--envoy``, one real Envoy. Then:
 - with ``--churn N``: N weight changes per second on pool p0 for ``--churn-s`` seconds,
   then how long after the last write Envoy's hosts match etcd.
 
+``--ring-points P`` writes every pool with ``ring_points_per_weight`` P (Envoy's memory and
+apply time scale with it); ``--delta`` gives the real Envoy a DELTA_GRPC bootstrap (the
+simulated clients stay SotW), and the bytes Envoy received from the control plane per change
+(its ``cluster.hotpath_xds.upstream_cx_rx_bytes_total``) are reported either way.
+
+``--prober-s S`` starts the real prober (no election) once everything is loaded, waits until
+every endpoint has a status, then counts etcd revisions over S seconds: the prober's steady
+status writes per second (docs/scale.md compares them with the rule's N / refresh period).
+The endpoints are then one in-process upstream listening on 127.1.x.y (one socket each),
+so every status is ``warm``; the refresh rule is the same for every state. Use one pool.
+
     .venv/bin/python benchmarks/scale.py --pools 10 --endpoints 1000 --clients 10 --envoy
     .venv/bin/python benchmarks/scale.py --pools 1 --endpoints 1000 --clients 1 --envoy \\
         --changes 0 --churn 20 --churn-s 30
+    .venv/bin/python benchmarks/scale.py --pools 10 --endpoints 1000 --clients 1 --envoy \\
+        --ring-points 256 --delta --idle-s 0
 """
 
 from __future__ import annotations
@@ -37,10 +50,17 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from control_plane.runtime import processes  # noqa: E402
+from control_plane.runtime.bootstrap import BootstrapSettings, render_bootstrap  # noqa: E402
 from control_plane.runtime.envoy_admin import parse_clusters  # noqa: E402
-from control_plane.store.etcd import EtcdSettings, etcd_client, put_json  # noqa: E402
+from control_plane.store.etcd import (  # noqa: E402
+    EtcdSettings,
+    etcd_client,
+    list_entries,
+    put_json,
+)
 from control_plane.xds import types  # noqa: E402
-from tests.harness import make_stack, new_etcd, wait_for  # noqa: E402
+from tests.harness import EnvoyProcess, make_stack, new_etcd, start, stop, wait_for  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
@@ -123,6 +143,27 @@ def _cluster_name(value: bytes) -> str:
     return value[pos:pos + length].decode()
 
 
+class BenchEnvoy(EnvoyProcess):
+    """The harness's Envoy with the ADS flavour chosen (``delta``)."""
+
+    delta = False
+
+    def start(self) -> None:
+        bootstrap = self.tmp / f"{self.name}-bootstrap.yaml"
+        bootstrap.write_text(render_bootstrap(BootstrapSettings(
+            node_id=self.name, xds_port=self.xds_port, admin_port=0, delta=self.delta)))
+        address_path = self.tmp / f"{self.name}-admin.txt"
+        address_path.unlink(missing_ok=True)
+        self.process = processes.spawn(processes.envoy_command(bootstrap, address_path, "info"),
+                                       self.tmp / f"{self.name}.log")
+        address = wait_for(lambda: address_path.exists() and address_path.read_text().strip(),
+                           30, "envoy admin address")
+        self.admin_url = f"http://{address}"
+
+
+XDS_RX = "cluster.hotpath_xds.upstream_cx_rx_bytes_total"
+
+
 def envoy_stats(admin: str, names: list[str]) -> dict[str, int]:
     pattern = "|".join(f"^{n}$" for n in names)
     with urllib.request.urlopen(f"{admin}/stats?filter={pattern}", timeout=5) as reply:
@@ -143,25 +184,79 @@ def envoy_weights(admin: str, pool: str) -> dict[str, int]:
     return {h.hostname: h.weight for h in parse_clusters(data) if h.cluster == pool}
 
 
+async def prober_writes(client: Any, settings: EtcdSettings, etcd_url: str, tmp: Path,
+                        endpoints: int, seconds: float) -> list[tuple[str, str]]:
+    """The real prober's steady status writes: etcd revisions per second."""
+    prober = start([sys.executable, "-m", "control_plane", "-v", "prober", "--etcd", etcd_url,
+                    "--prefix", settings.prefix, "--no-election", "--metrics", "off"],
+                   tmp / "prober.log")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, entries = await list_entries(client, settings, "status/")
+            if len(entries) >= endpoints:
+                break
+            await asyncio.sleep(1)
+        started = time.monotonic()
+        # Past the first refresh of every record (records were first written over ~1 s).
+        await asyncio.sleep(20)
+        rev0, _ = await list_entries(client, settings, "status/")
+        cpu0, t0 = cpu_s(prober.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        rev1, _ = await list_entries(client, settings, "status/")
+        elapsed = time.monotonic() - t0
+        return [(f"prober: status writes/s over {seconds:.0f} s ({endpoints} endpoints, "
+                 f"from {t0 - started:.0f} s after all had one)",
+                 f"{(rev1 - rev0) / elapsed:.1f}"),
+                ("prober: CPU (% of one core)",
+                 f"{(cpu_s(prober.pid) - cpu0) / elapsed * 100:.0f}")]
+    finally:
+        stop(prober)
+
+
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hotpath-scale-"))
     etcd = new_etcd(tmp)
     prefix = "/scale/"
     settings = EtcdSettings(urls=etcd.url, prefix=prefix)
-    stack = make_stack(tmp, etcd.url, prefix, envoys=1 if args.envoy else 0)
+    stack = make_stack(tmp, etcd.url, prefix, envoys=0)
+    if args.envoy:
+        envoy = BenchEnvoy(tmp, "envoy-0", stack.control_plane.xds_port)
+        envoy.delta = args.delta
+        stack.envoys.append(envoy)
+        envoy.start()
+    pool_value: dict[str, Any] = {}
+    if args.ring_points is not None:
+        pool_value["ring_points_per_weight"] = args.ring_points
+    if args.hash_balance_factor is not None:
+        pool_value["hash_balance_factor"] = args.hash_balance_factor
+    if args.prober_s:
+        pool_value["warmup"] = {"timeout_s": 1}
     cp_pid = stack.control_plane.process.pid  # type: ignore[union-attr]
     weights: dict[tuple[str, str], int] = {}
     rows: list[tuple[str, str]] = []
     try:
         async with etcd_client(settings) as client:
             for p in range(args.pools):
-                await put_json(client, settings, f"pools/p{p}", {"models": [f"m{p}"]})
+                await put_json(client, settings, f"pools/p{p}", {"models": [f"m{p}"], **pool_value})
             keys = [(f"p{p}", f"e{i}") for p in range(args.pools) for i in range(args.endpoints)]
+            # Loopback addresses only (127.0.0.0/8): nothing here may ever reach another host,
+            # whatever later sends traffic to an endpoint (Envoy, a prober).
+            address = {"address": lambda p, i: f"127.{10 + p // 250}.{p % 250}.{i % 250 + 1}",
+                       "port": lambda p, i: 8000 + i // 250}
+            if args.prober_s:
+                # Answering upstreams for the prober: one socket per endpoint, 127.1.x.y.
+                from ring_policy import loopback_upstreams
+
+                upstream_port = 18500 + os.getpid() % 1000
+                runner, _ = await loopback_upstreams(args.endpoints, upstream_port)
+                address = {"address": lambda p, i: f"127.1.{i // 250}.{i % 250 + 1}",
+                           "port": lambda p, i: upstream_port}
             for start in range(0, len(keys), 200):
                 await asyncio.gather(*(
                     put_json(client, settings, f"endpoints/{pool}/{eid}",
-                             {"address": f"10.{p // 250}.{p % 250}.{i % 250 + 1}",
-                              "port": 8000 + i // 250})
+                             {"address": address["address"](p, i),
+                              "port": address["port"](p, i)})
                     for n, (pool, eid) in enumerate(keys[start:start + 200])
                     for p, i in [divmod(start + n, args.endpoints)]))
             weights = {key: 1 for key in keys}
@@ -187,17 +282,25 @@ async def main(args: argparse.Namespace) -> None:
                     break
                 await asyncio.sleep(0.2)
 
-            latencies, volumes, cpus, applies = [], [], [], []
+            if args.envoy:
+                rows.append(("Envoy RSS after the initial load (MiB)",
+                             f"{rss_mib(stack.envoy.process.pid):.0f}"))  # type: ignore[union-attr]
+            if args.prober_s:
+                rows += await prober_writes(client, settings, etcd.url, tmp, len(keys),
+                                            args.prober_s)
+                await runner.cleanup()
+            latencies, volumes, cpus, applies, envoy_rx = [], [], [], [], []
             for n in range(args.changes):
                 key = ("p0", f"e{n % args.endpoints}")
                 weights[key] = 2 if weights[key] == 1 else 1
-                stat_names = ["cluster.p0.update_success", "cluster_manager.warming_clusters"]
+                stat_names = ["cluster.p0.update_success", "cluster_manager.warming_clusters",
+                              XDS_RX]
                 before_stats = envoy_stats(admin, stat_names) if args.envoy else {}
                 marks = [len(c.received) for c in clients]
                 cpu0 = cpu_s(cp_pid)
                 t0 = time.monotonic()
                 await put_json(client, settings, f"endpoints/{key[0]}/{key[1]}",
-                               {"address": f"10.0.0.{int(key[1][1:]) % 250 + 1}",
+                               {"address": f"127.10.0.{int(key[1][1:]) % 250 + 1}",
                                 "port": 8000 + int(key[1][1:]) // 250,
                                 "weight": weights[key]})
                 applied = None
@@ -221,6 +324,9 @@ async def main(args: argparse.Namespace) -> None:
                 volumes.append(statistics.mean(sum(b for _, _, b in c.received[m:])
                                                for c, m in zip(clients, marks, strict=True)))
                 cpus.append(cpu_s(cp_pid) - cpu0)
+                if args.envoy:
+                    after = await asyncio.to_thread(envoy_stats, admin, [XDS_RX])
+                    envoy_rx.append(after.get(XDS_RX, 0) - before_stats.get(XDS_RX, 0))
                 if applied is not None:
                     applies.append(applied)
             if latencies:
@@ -235,11 +341,16 @@ async def main(args: argparse.Namespace) -> None:
                 rows.append(("Envoy applied (median / max ms)",
                              f"{statistics.median(applies) * 1000:.0f} / "
                              f"{max(applies) * 1000:.0f}"))
+            if envoy_rx:
+                rows.append(("bytes Envoy received per change (KiB, ADS "
+                             f"{'delta' if args.delta else 'SotW'})",
+                             f"{statistics.median(envoy_rx) / 1024:.1f}"))
 
-            cpu0, t0 = cpu_s(cp_pid), time.monotonic()
-            await asyncio.sleep(args.idle_s)
-            rows.append((f"idle control-plane CPU over {args.idle_s:.0f} s (%)",
-                         f"{(cpu_s(cp_pid) - cpu0) / (time.monotonic() - t0) * 100:.2f}"))
+            if args.idle_s > 0:
+                cpu0, t0 = cpu_s(cp_pid), time.monotonic()
+                await asyncio.sleep(args.idle_s)
+                rows.append((f"idle control-plane CPU over {args.idle_s:.0f} s (%)",
+                             f"{(cpu_s(cp_pid) - cpu0) / (time.monotonic() - t0) * 100:.2f}"))
 
             if args.churn:
                 rng = random.Random(7)
@@ -252,7 +363,8 @@ async def main(args: argparse.Namespace) -> None:
                     weights[key] = rng.randint(1, 4)
                     i = int(key[1][1:])
                     await put_json(client, settings, f"endpoints/{key[0]}/{key[1]}",
-                                   {"address": f"10.0.0.{i % 250 + 1}", "port": 8000 + i // 250,
+                                   {"address": f"127.10.0.{i % 250 + 1}",
+                                    "port": 8000 + i // 250,
                                     "weight": weights[key]})
                     n += 1
                     await asyncio.sleep(max(0.0, start + n / args.churn - time.monotonic()))
@@ -278,7 +390,8 @@ async def main(args: argparse.Namespace) -> None:
         stack.close()
         etcd.stop()
     title = (f"{args.pools} pools x {args.endpoints} endpoints, {args.clients} clients"
-             + (", real Envoy" if args.envoy else ""))
+             + (f", real Envoy ({'delta' if args.delta else 'SotW'})" if args.envoy else "")
+             + (f", ring_points_per_weight {args.ring_points}" if args.ring_points else ""))
     width = max(len(r[0]) for r in rows)
     print(f"\n{title}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows))
 
@@ -293,4 +406,11 @@ if __name__ == "__main__":
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--churn", type=int, default=0, help="writes per second on pool p0")
     parser.add_argument("--churn-s", type=float, default=30.0)
+    parser.add_argument("--ring-points", type=int, default=None,
+                        help="ring_points_per_weight of every pool (default: hotpath's)")
+    parser.add_argument("--hash-balance-factor", type=int, default=None)
+    parser.add_argument("--prober-s", type=float, default=0.0,
+                        help="run the real prober and count its status writes over this long")
+    parser.add_argument("--delta", action="store_true",
+                        help="the real Envoy uses delta ADS (DELTA_GRPC)")
     asyncio.run(main(parser.parse_args()))

@@ -14,15 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from control_plane.config.model import Config, Endpoint, GatewaySettings
+from control_plane.config.splits import shares
 from control_plane.config.state import ConfigState
 from control_plane.runtime.metrics import Family, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
+from control_plane.store.split_slots import SplitSlotsWriter
+from control_plane.traffic.service import AccessLogServicer
+from control_plane.traffic.window import TrafficWindow
 from control_plane.translate.resources import Translator, cached_is_ip
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 from control_plane.xds.snapshot import InconsistentSnapshot, SnapshotBuilder
@@ -110,6 +116,38 @@ class ControlPlane:
         self._revision = 0
         self._dns_tasks: set[asyncio.Task[None]] = set()
         self._resolving: set[str] = set()
+        # Real traffic from this control plane's Envoys (warmth from real traffic).
+        self._addresses: dict[tuple[str, str], str] = {}  # (pool, "ip:port") -> endpoint id
+        self.traffic = AccessLogServicer(TrafficWindow(), self._endpoint_at)
+        # Splits: the leader among control planes writes split-slots/<model>.
+        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.split_writer = SplitSlotsWriter(settings.etcd, identity, self.state.config,
+                                             self.traffic.window.active_sessions,
+                                             self._split_models)
+        self._split_health: dict[str, str] = {}  # model -> what was last logged
+
+    def _split_models(self) -> set[str]:
+        return {key[len("splits/"):] for key in self.state.keys() if key.startswith("splits/")}
+
+    def _report_splits(self) -> None:
+        """One log line whenever a split becomes degraded, loses its last arm, or recovers."""
+        health: dict[str, str] = {}
+        for routes in self.translator.splits:
+            gone = [arm.pool for arm in routes.split.arms if arm.pool not in routes.pools]
+            if routes.table is None:
+                health[routes.split.model] = "no arm left (answers 503)"
+            elif gone:
+                health[routes.split.model] = ("degraded: arm pool(s) " + ", ".join(gone)
+                                              + " deleted; the other arms take their sessions")
+            else:
+                health[routes.split.model] = "ok"
+        for model, text in health.items():
+            if self._split_health.get(model, "ok") != text:
+                (log.info if text == "ok" else log.warning)("split %s: %s", model, text)
+        self._split_health = health
+
+    def _endpoint_at(self, pool: str, address: str) -> str | None:
+        return self._addresses.get((pool, address))
 
     def changed(self, revision: int | None = None) -> None:
         """The follower's on_change: mark dirty and wake the rebuild task; nothing more."""
@@ -133,8 +171,14 @@ class ControlPlane:
             return  # never publish before the first full read of etcd
         self.rebuilds += 1
         config = self.state.config()
+        self._addresses = {
+            (pool, f"{ip}:{endpoint.port}"): eid
+            for pool, endpoints in config.endpoints.items() for eid, endpoint in endpoints.items()
+            if (ip := self._resolve(endpoint)) is not None}
         resources = self.translator.translate(config, self._resolve, self.settings.gateway,
                                               time.time(), self.dns_epoch)
+        self._report_splits()
+        self.split_writer.poke()
         try:
             snapshot = self.builder.update(resources, revision or self.state.revision)
         except InconsistentSnapshot as exc:
@@ -187,8 +231,23 @@ class ControlPlane:
         rejected = Family("hotpath_config_rejected_keys", "gauge",
                           "etcd keys whose latest value is refused (last good value in force)", ())
         rejected.set(len(self.state.rejected))
+        slots = Family("hotpath_split_slot_share", "gauge",
+                       "share of a split's sessions (slots) each arm serves", ("model", "arm",
+                                                                             "pool"))
+        degraded = Family("hotpath_split_degraded", "gauge",
+                          "1 while an arm's pool of the split is deleted (2: no arm left)",
+                          ("model",))
+        leader = Family("hotpath_split_leader", "gauge",
+                        "1 while this control plane writes split-slots", ())
+        leader.set(1.0 if self.split_writer.election.leader else 0.0)
+        for routes in self.translator.splits:
+            arms = routes.split.arms
+            for index, share in enumerate(shares(routes.table or "", len(arms))):
+                slots.set(share, routes.split.model, str(index), arms[index].pool)
+            gone = any(arm.pool not in routes.pools for arm in arms)
+            degraded.set(2.0 if routes.table is None else float(gone), routes.split.model)
         return [connected, responses, nacks, published, revision, etcd_up, etcd_revision, lag,
-                rejected]
+                rejected, slots, degraded, leader, *self.traffic.families()]
 
     def _start_resolve(self, host: str) -> None:
         self._resolving.add(host)
@@ -245,18 +304,20 @@ class ControlPlane:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         server, self.xds_port = await start_xds_server(self.servicer, self.settings.xds_address,
-                                                       self.settings.xds_tls)
+                                                       self.settings.xds_tls, [self.traffic])
         log.info("xDS (ADS) listening on %s", self.settings.xds_address.rsplit(":", 1)[0]
                  + f":{self.xds_port}")
         metrics = None
         if self.settings.metrics_address is not None:
             host, _, port = self.settings.metrics_address.rpartition(":")
-            metrics = await serve_metrics(host, int(port), self.collect, self.healthy)
+            metrics = await serve_metrics(host, int(port), self.collect, self.healthy,
+                                          {"/traffic": self.traffic.report})
             log.info("metrics on http://%s/metrics", self.settings.metrics_address)
         tasks = [
             asyncio.create_task(self.follower.run(), name="etcd-follower"),
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),
             asyncio.create_task(self._refresh_dns(), name="dns"),
+            asyncio.create_task(self.split_writer.run(), name="split-slots"),
         ]
         if ready is not None:
             ready.set()

@@ -23,3 +23,8 @@ ROUTE_CONFIG_NAME = "hotpath"
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 MESSAGES_PATH = "/v1/messages"
 MODELS_PATH = "/v1/models"
+
+# The bootstrap's cluster for the control plane (envoy/bootstrap.yaml.in): ADS and the
+# access-log stream both use it.
+XDS_CLUSTER = "hotpath_xds"
+ACCESS_LOG_NAME = "hotpath"

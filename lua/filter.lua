@@ -40,7 +40,23 @@ function envoy_on_request(handle)
     -- the filter keeps the first route metadata it reads.
     handle:clearRouteCache()
     local route = handle:metadata()
-    local pool = route and route:get("pool")
+    if not route then
+      return nil
+    end
+    local slots = route:get("slots")
+    if slots then
+      -- A split: the filter picks the arm, then reroute() selects the arm's route. The
+      -- metadata read here stays the split route's (frozen at the first read), which is why
+      -- it carries every arm's pool and served model.
+      return {
+        slots = slots,
+        arm_pools = route:get("arm_pools"),
+        served_models = route:get("served_models"),
+        session_headers = route:get("session_headers"),
+        session_header = route:get("session_header"),
+      }
+    end
+    local pool = route:get("pool")
     if not pool then
       return nil
     end
@@ -51,9 +67,13 @@ function envoy_on_request(handle)
       session_header = route:get("session_header"),
     }
   end
+  local function reroute(key)
+    headers:replace(MODEL_HEADER, key)
+    handle:clearRouteCache()
+  end
   local result = HOTPATH.decide(CONFIG, method, path, function(name)
     return headers:get(name)
-  end, body, lookup)
+  end, body, lookup, reroute)
   if result and result.status then
     headers:remove(MODEL_HEADER)
     headers:replace(LUA_REPLY_HEADER, "1")
@@ -67,8 +87,19 @@ function envoy_on_request(handle)
     -- The key leaves Envoy (access-log stream) only hashed: keys may be user ids. The echo
     -- (x-session-id) is a route response header formatted from the request header, so the
     -- filter has no response path at all.
-    handle:streamInfo():dynamicMetadata():set(METADATA_NS, "session_hash",
-      HOTPATH.hash(result.session))
+    local metadata = handle:streamInfo():dynamicMetadata()
+    metadata:set(METADATA_NS, "session_hash", result.session_hash or HOTPATH.hash(result.session))
+    if result.split then
+      -- Per (model, arm) metrics in the control plane read these from the access log.
+      metadata:set(METADATA_NS, "split_model", result.split)
+      metadata:set(METADATA_NS, "split_arm", tostring(result.arm))
+    end
+    if result.body then
+      -- The arm's served model differs: its server gets the body with that `model`.
+      handle:body():setBytes(result.body)
+      headers = handle:headers()
+      headers:replace("content-length", tostring(#result.body))
+    end
   end
   -- The route was picked and cached before this filter ran, from the original headers; the
   -- lookup re-picked it, and a request with forged internal headers removed needs it too.

@@ -731,8 +731,10 @@ local function json_string(s)
 end
 
 -- Anthropic's error types for the statuses the filter replies with.
-local ANTHROPIC_TYPES =
-  { [400] = "invalid_request_error", [404] = "not_found_error", [413] = "request_too_large" }
+local ANTHROPIC_TYPES = {
+  [400] = "invalid_request_error", [404] = "not_found_error", [413] = "request_too_large",
+  [503] = "overloaded_error",
+}
 
 -- OpenAI-shaped {"error":{"message","type","code"}}; on /v1/messages Anthropic-shaped
 -- {"type":"error","error":{"type","message"}} (code is then only in the returned table).
@@ -748,7 +750,7 @@ local function error_reply(path, status, code, message)
         .. json_string(message) .. "}}",
     }
   end
-  local err_type = "invalid_request_error"
+  local err_type = status >= 500 and "server_error" or "invalid_request_error"
   return {
     status = status,
     type = err_type,
@@ -786,13 +788,77 @@ local function session_header_value(entry, get_header)
   return nil
 end
 
+---------------------------------------------------------------------------------------------
+-- Splits (docs/splits.md). A split's route metadata carries its slot table (one hex digit,
+-- the arm index, per slot), each arm's pool and served model; the session's slot is the low
+-- 32 bits of HOTPATH.hash(session key) (its last 8 hex digits) mod the table's length, which
+-- the control plane computes the same way from the access log's session_hash.
+
+-- The route key of a split's arm: model names hold no control characters, so a tab cannot
+-- collide with a real model (decide refuses client models that hold one).
+local ARM_SEPARATOR = "\t"
+
+function M.slot(hash, slots)
+  return tonumber(sub(hash, 11, 18), 16) % slots
+end
+
+-- The arm index (0-based) of the session with this hash, or nil when the table is empty
+-- (no arm left).
+function M.split_arm(slots, hash)
+  local n = #slots
+  if n == 0 then
+    return nil
+  end
+  local s = M.slot(hash, n) + 1
+  return tonumber(sub(slots, s, s), 16)
+end
+
+function M.arm_route(model, arm)
+  return model .. ARM_SEPARATOR .. arm
+end
+
+-- The body with the value of `model` (span: its string literal) replaced by `served`.
+function M.replace_model(body, span, served)
+  return sub(body, 1, span[1] - 1) .. json_string(served) .. sub(body, span[2])
+end
+
+local function split_decision(path, body, fields, model, entry, get_header, reroute)
+  local session = M.session_key(body, fields, path, model, session_header_value(entry, get_header))
+  local hash = M.hash(session)
+  local arm = M.split_arm(entry.slots, hash)
+  if not arm then
+    return error_reply(path, 503, "no_healthy_upstream",
+      "no arm of the split serving `" .. model .. "` is left (every arm's pool was deleted)")
+  end
+  local route = M.arm_route(model, arm)
+  if reroute then
+    reroute(route)
+  end
+  local served = entry.served_models and entry.served_models[arm + 1] or model
+  local result = {
+    model = route,
+    pool = entry.arm_pools and entry.arm_pools[arm + 1],
+    session = session,
+    session_hash = hash,
+    split = model,
+    arm = arm,
+  }
+  if served ~= model then
+    result.body = M.replace_model(body, fields.model, served)
+  end
+  return result
+end
+
 -- Returns nil to pass the request through untouched; {status, json, ...} for a local reply
 -- (errors also carry type, code and message); or {model, pool, session} to route.
 -- get_header(name) returns a request header's value or nil; lookup(model) returns the
 -- model's {pool, session_headers (list), session_header} or nil when no pool serves it. (In
 -- Envoy the lookup reads the route's metadata, so pool changes arrive over RDS and the
--- listener never changes.)
-function M.decide(config, method, path, get_header, body, lookup)
+-- listener never changes.) A split's entry has `slots`, `arm_pools`, `served_models` and its
+-- session headers instead of `pool`: the result then also has `split`, `arm`, `session_hash`
+-- and `body` (the rewritten body, only when the arm's served model differs), and
+-- reroute(route key) is called to point the model header at the arm's route.
+function M.decide(config, method, path, get_header, body, lookup, reroute)
   path = strip_query(path or "")
   if not M.needs_body(method, path) then
     return nil
@@ -810,9 +876,14 @@ function M.decide(config, method, path, get_header, body, lookup)
   if not present(model) then
     return error_reply(path, 400, "missing_model", "request body has no string field `model`")
   end
-  local entry = lookup(model)
+  -- No model name holds a tab (pools and splits refuse control characters): refusing it
+  -- keeps arm route keys (model .. "\t" .. arm) from being addressed by clients.
+  local entry = not find(model, ARM_SEPARATOR, 1, true) and lookup(model)
   if not entry then
     return error_reply(path, 404, "model_not_found", "The model `" .. model .. "` does not exist")
+  end
+  if entry.slots then
+    return split_decision(path, body, fields, model, entry, get_header, reroute)
   end
   return {
     model = model,

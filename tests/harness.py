@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -327,3 +328,53 @@ def env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class ProberProcess:
+    """`hotpath prober` against a stack's etcd and Envoy admin (``extra``: more flags)."""
+
+    def __init__(self, stack: Stack, name: str, *extra: str) -> None:
+        self.metrics_port = processes.free_port()
+        self.log = stack.tmp / f"{name}.log"
+        self.command = [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd.urls,
+                        "--prefix", stack.etcd.prefix, "--admin", stack.envoy.admin_url,
+                        "--metrics", f"127.0.0.1:{self.metrics_port}", "--leader-ttl", "2",
+                        *extra]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProberProcess:
+        self.process = start(self.command, self.log)
+        wait_for(lambda: processes.port_open("127.0.0.1", self.metrics_port), 30,
+                 "prober metrics port")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stops the process; its exit code."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        stop(process, sig)
+        return process.returncode
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for sample, value in self.metrics().items():
+            base, _, rest = sample.partition("{")
+            if base != name:
+                continue
+            found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+            if labels.items() <= found.items():
+                total += value
+        return total

@@ -12,16 +12,29 @@ from typing import Any
 
 import yaml
 
-from control_plane.cli.options import add_etcd_options, admin_urls_from_env, etcd_settings
-from control_plane.cli.status import format_table, status_rows
+from control_plane.cli.options import (
+    add_etcd_options,
+    admin_urls_from_env,
+    etcd_settings,
+    urls_from_env,
+)
+from control_plane.cli.status import (
+    format_splits,
+    format_table,
+    split_rows,
+    status_rows,
+    traffic_rows,
+)
 from control_plane.config.file import load_document, parse_document
-from control_plane.config.model import LB_POLICIES, pool_to_json
-from control_plane.errors import UsageError
-from control_plane.runtime.envoy_admin import fetch_hosts
+from control_plane.config.model import LB_POLICIES, parse_split, pool_to_json, split_to_json
+from control_plane.config.state import ConfigState
+from control_plane.errors import ConfigError, UsageError
+from control_plane.runtime.envoy_admin import fetch_hosts, fetch_traffic
 from control_plane.runtime.signals import Shutdown
 from control_plane.runtime.up import read_up_state
 from control_plane.store import operations
 from control_plane.store.apply import apply_document, export_document, read_text
+from control_plane.store.etcd import etcd_client, put_json
 
 # -- pool ----------------------------------------------------------------------------------
 
@@ -134,6 +147,94 @@ def configure_endpoint(p: argparse.ArgumentParser) -> None:
     rm.add_argument("id")
 
 
+# -- split ---------------------------------------------------------------------------------
+
+
+def _pairs(values: list[str] | None, what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"{what} takes POOL=VALUE, got {item!r}")
+        pairs.append((name, value))
+    return pairs
+
+
+def check_split_against(state: ConfigState, key: str, model: str, value: dict[str, Any]
+                        ) -> None:
+    """What the control plane checks when a split is written: its pools exist and no pool
+    serves its model."""
+    split = parse_split(key, model, json.dumps(value))
+    config = state.config()
+    for index, arm in enumerate(split.arms):
+        if arm.pool not in config.pools:
+            raise ConfigError(key, f"arms[{index}].pool {arm.pool!r} does not exist (create "
+                                   "the pool first)")
+    for pool in config.pools.values():
+        if model in pool.models:
+            raise ConfigError(key, f"model {model!r} already belongs to pool {pool.name!r} "
+                                   "(a split's model must be in no pool's models)")
+
+
+async def cmd_split_put(args: argparse.Namespace, _: Shutdown) -> int:
+    served = dict(_pairs(args.served, "--served"))
+    arms: list[dict[str, Any]] = []
+    for pool, weight in _pairs(args.arm, "--arm"):
+        try:
+            arm: dict[str, Any] = {"pool": pool, "weight": int(weight)}
+        except ValueError:
+            raise UsageError(f"--arm {pool}={weight}: the weight must be an integer") from None
+        if pool in served:
+            arm["served_model"] = served.pop(pool)
+        arms.append(arm)
+    if served:
+        raise UsageError(f"--served names pool(s) with no --arm: {', '.join(sorted(served))}")
+    settings = etcd_settings(args)
+    key = f"splits/{args.model}"
+    check_split_against(await operations.read_state(settings), key, args.model, {"arms": arms})
+    split = parse_split(key, args.model, json.dumps({"arms": arms}))
+    async with etcd_client(settings) as client:
+        await put_json(client, settings, key, split_to_json(split))
+    print(f"split {split.model}: " + ", ".join(
+        f"{arm.pool}={arm.weight}" + (f" (as {arm.served_model})"
+                                      if arm.served_model != split.model else "")
+        for arm in split.arms))
+    return 0
+
+
+async def cmd_split_list(args: argparse.Namespace, _: Shutdown) -> int:
+    state = await operations.read_state(etcd_settings(args))
+    for row in split_rows(state):
+        print(json.dumps(row))
+    return 0
+
+
+async def cmd_split_rm(args: argparse.Namespace, _: Shutdown) -> int:
+    # The leader deletes split-slots/<model> once the split is gone.
+    removed = await operations.remove(etcd_settings(args), [(f"splits/{args.model}", False)])
+    print(f"removed {removed} key(s)")
+    return 0 if removed else 1
+
+
+def configure_split(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = actions.add_parser("put", help="create or change a split (docs/splits.md)")
+    put.set_defaults(handler=cmd_split_put)
+    add_etcd_options(put)
+    put.add_argument("model", help="the model name clients ask for")
+    put.add_argument("--arm", action="append", required=True, metavar="POOL=WEIGHT",
+                     help="an arm: pool and integer weight (repeatable, in order)")
+    put.add_argument("--served", action="append", metavar="POOL=MODEL",
+                     help="the model name that arm's servers receive (default: MODEL)")
+    ls = actions.add_parser("list", help="list splits, one arm per line (JSON lines)")
+    ls.set_defaults(handler=cmd_split_list)
+    add_etcd_options(ls)
+    rm = actions.add_parser("rm", help="remove a split")
+    rm.set_defaults(handler=cmd_split_rm)
+    add_etcd_options(rm)
+    rm.add_argument("model")
+
+
 # -- apply / export ------------------------------------------------------------------------
 
 
@@ -189,15 +290,24 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
 
 async def cmd_status(args: argparse.Namespace, _: Shutdown) -> int:
+    args.traffic = args.traffic or args.traffic_default
     state = await operations.read_state(etcd_settings(args))
     hosts = await asyncio.to_thread(fetch_hosts, args.admin)
-    rows = status_rows(state, hosts, time.time())
+    reports = [r for r in [await asyncio.to_thread(fetch_traffic, url)
+                           for url in args.traffic] if r is not None]
+    traffic = traffic_rows(reports)
+    rows = status_rows(state, hosts, time.time(), traffic)
+    splits = split_rows(state, traffic)
     up = read_up_state(Path(args.data_dir))
     if args.json:
         print(json.dumps({"revision": state.revision, "envoy_reachable": hosts is not None,
-                          "endpoints": rows, "rejected": state.rejected, "up": up}, indent=2))
+                          "endpoints": rows, "splits": splits, "rejected": state.rejected,
+                          "up": up}, indent=2))
     else:
         print(format_table(rows, state.rejected, up))
+        if splits:
+            print()
+            print(format_splits(splits))
         if hosts is None:
             print(f"(Envoy admin at {args.admin} unreachable: ENVOY column unknown)")
     return 0
@@ -210,6 +320,11 @@ def configure_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin", default=admin[0] if admin else "http://127.0.0.1:9901",
                    help="Envoy admin URL (env HOTPATH_ADMIN, its first URL; default "
                         "%(default)s)")
+    p.add_argument("--traffic", action="append", default=None, metavar="URL",
+                   help="control-plane metrics URL whose /traffic window shows real traffic "
+                        "(repeatable; env HOTPATH_TRAFFIC; default http://127.0.0.1:9101)")
+    p.set_defaults(traffic_default=urls_from_env("HOTPATH_TRAFFIC")
+                   or ["http://127.0.0.1:9101"])
     p.add_argument("--data-dir", default=".hotpath",
                    help="where `hotpath up` runs: its children and restarts are shown "
                         "(default %(default)s)")
@@ -219,6 +334,7 @@ def configure_status(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "pool": configure_pool,
     "endpoint": configure_endpoint,
+    "split": configure_split,
     "apply": configure_apply,
     "export": configure_export,
     "status": configure_status,

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap": ("serve", "print an Envoy bootstrap for hotpath"),
     "pool": ("config", "put, list or remove pools"),
     "endpoint": ("config", "put, list or remove endpoints"),
+    "split": ("config", "put, list or remove session-sticky weighted splits of a model"),
     "apply": ("config", "make etcd match a YAML/JSON config file"),
     "export": ("config", "print pools and endpoints in apply's format"),
     "status": ("config", "pools, endpoints, warmth and Envoy's view"),

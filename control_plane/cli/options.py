@@ -49,9 +49,14 @@ def positive(value: str) -> float:
     return number
 
 
+def urls_from_env(name: str) -> list[str]:
+    """An environment variable holding one URL, or several comma-separated."""
+    return [u.strip() for u in os.environ.get(name, "").split(",") if u.strip()]
+
+
 def admin_urls_from_env() -> list[str]:
     """HOTPATH_ADMIN: one Envoy admin URL, or several comma-separated."""
-    return [u.strip() for u in os.environ.get("HOTPATH_ADMIN", "").split(",") if u.strip()]
+    return urls_from_env("HOTPATH_ADMIN")
 
 
 def add_etcd_options(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from control_plane.cli.options import (
     etcd_settings,
     host_port,
     positive,
+    urls_from_env,
 )
 from control_plane.config.model import DEFAULT_SYSTEM_PROMPT, GatewaySettings
 from control_plane.errors import UsageError
@@ -29,6 +30,7 @@ from control_plane.prober.service import (
 )
 from control_plane.runtime.bootstrap import (
     COMPOSE,
+    DELTA_DEFAULT,
     BootstrapSettings,
     XdsClientTls,
     render_bootstrap,
@@ -36,6 +38,7 @@ from control_plane.runtime.bootstrap import (
 from control_plane.runtime.register import MIN_TTL_S, registration_from_args, run_register
 from control_plane.runtime.signals import Shutdown
 from control_plane.runtime.up import UpSettings, run_up
+from control_plane.traffic.judge import DEFAULT_PREFILL_MS_PER_KIB
 from control_plane.xds.server import XdsServerTls
 
 # -- up ----------------------------------------------------------------------------------
@@ -50,8 +53,19 @@ async def cmd_up(args: argparse.Namespace, _: Shutdown) -> int:
         etcd=etcd if args.etcd is not None else None, prefix=etcd.prefix,
         etcd_client_port=args.etcd_port, etcd_peer_port=args.etcd_peer_port,
         sim_base_port=args.sim_port, with_sim=not args.no_sim, with_prober=not args.no_prober,
-        data_dir=Path(args.data_dir),
+        data_dir=Path(args.data_dir), delta=args.delta,
     ))
+
+
+def add_ads_flavour(p: argparse.ArgumentParser) -> None:
+    """--delta / --sotw: the bootstrap's ADS api_type (docs/scale.md has the figures)."""
+    flavour = p.add_mutually_exclusive_group()
+    flavour.add_argument("--delta", dest="delta", action="store_true", default=DELTA_DEFAULT,
+                         help="Envoy uses incremental (delta) ADS, DELTA_GRPC"
+                              + (" (default)" if DELTA_DEFAULT else ""))
+    flavour.add_argument("--sotw", dest="delta", action="store_false",
+                         help="Envoy uses state-of-the-world ADS, GRPC"
+                              + ("" if DELTA_DEFAULT else " (default)"))
 
 
 def configure_up(p: argparse.ArgumentParser) -> None:
@@ -79,6 +93,7 @@ def configure_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=".hotpath", help="etcd data and logs (%(default)s)")
     p.add_argument("--no-sim", action="store_true", help="never start simulated GPU servers")
     p.add_argument("--no-prober", action="store_true", help="do not start the prober")
+    add_ads_flavour(p)
 
 
 # -- control-plane -------------------------------------------------------------------------
@@ -103,7 +118,8 @@ async def cmd_control_plane(args: argparse.Namespace, _: Shutdown) -> int:
         raise UsageError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     gateway = GatewaySettings(listen_address=host, listen_port=port,
                               max_body_bytes=args.max_body_bytes,
-                              idle_timeout_s=args.idle_timeout, access_log_path=args.access_log)
+                              idle_timeout_s=args.idle_timeout, access_log_path=args.access_log,
+                              traffic_stream=not args.no_traffic_stream)
     await run_control_plane(ControlPlaneSettings(
         etcd=etcd_settings(args), gateway=gateway, xds_address=args.xds,
         metrics_address=args.metrics or None, xds_tls=_xds_server_tls(args)))
@@ -128,6 +144,9 @@ def configure_control_plane(p: argparse.ArgumentParser) -> None:
                    help="seconds without upstream bytes before 504 (default %(default)s)")
     p.add_argument("--access-log", default=GatewaySettings.access_log_path,
                    help="Envoy access log path (default %(default)s)")
+    p.add_argument("--no-traffic-stream", action="store_true",
+                   help="do not have Envoy stream request timings to the control plane "
+                        "(warmth then comes from probes only)")
 
 
 # -- bootstrap -----------------------------------------------------------------------------
@@ -140,12 +159,13 @@ async def cmd_bootstrap(args: argparse.Namespace, _: Shutdown) -> int:
             raise UsageError("xDS mTLS needs --xds-ca, --xds-cert and --xds-key")
         tls = XdsClientTls(ca_file=args.xds_ca, cert_file=args.xds_cert, key_file=args.xds_key)
     if args.compose:
-        settings = dataclasses.replace(COMPOSE, xds_tls=tls)
+        settings = dataclasses.replace(COMPOSE, xds_tls=tls, delta=args.delta)
     else:
         xds_host, xds_port = args.xds
         admin_host, admin_port = args.admin
         settings = BootstrapSettings(node_id=args.node_id, xds_host=xds_host, xds_port=xds_port,
-                                     admin_host=admin_host, admin_port=admin_port, xds_tls=tls)
+                                     admin_host=admin_host, admin_port=admin_port, xds_tls=tls,
+                                     delta=args.delta)
     sys.stdout.write(render_bootstrap(settings))
     return 0
 
@@ -159,6 +179,7 @@ def configure_bootstrap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--xds-ca", help="CA (PEM path) that signed the control plane's cert")
     p.add_argument("--xds-cert", help="Envoy's client certificate (PEM path) for xDS mTLS")
     p.add_argument("--xds-key", help="Envoy's client key (PEM path) for xDS mTLS")
+    add_ads_flavour(p)
 
 
 # -- prober --------------------------------------------------------------------------------
@@ -182,6 +203,8 @@ def prober_settings(args: argparse.Namespace) -> ProberSettings:
     return ProberSettings(
         etcd=etcd_settings(args),
         admin_urls=tuple(args.admin or args.admin_default),
+        traffic_urls=tuple(args.traffic or args.traffic_default),
+        prefill_ms_per_kib=args.prefill_ms_per_kib,
         metrics_address=args.metrics or None,
         system_prompt=args.system_prompt,
         thresholds=machine.Thresholds(rise=args.rise, fall=args.fall),
@@ -206,6 +229,18 @@ def configure_prober(p: argparse.ArgumentParser) -> None:
                         "hosts with traffic get no probes (repeatable; env HOTPATH_ADMIN, "
                         "comma-separated; none: always probe)")
     p.set_defaults(admin_default=admin_urls_from_env())
+    p.add_argument("--traffic", action="append", default=None, metavar="URL",
+                   help="control-plane metrics URL whose /traffic window has real traffic's "
+                        "time to first token: endpoints with traffic are judged by it, not "
+                        "probed (repeatable: every control plane; env HOTPATH_TRAFFIC, "
+                        "comma-separated; none: probes only)")
+    p.set_defaults(traffic_default=urls_from_env("HOTPATH_TRAFFIC"))
+    p.add_argument("--prefill-ms-per-kib", type=at_least(0, float),
+                   default=DEFAULT_PREFILL_MS_PER_KIB, metavar="MS",
+                   help="time to first token a healthy server needs per KiB of request body, "
+                        "taken off each real request's before judging it, so long prompts do "
+                        "not make a host look cold (default %(default)s: a GPU; llama.cpp on "
+                        "a CPU needs ~1000)")
     p.add_argument("--metrics", type=address_or_off, default=DEFAULT_METRICS,
                    metavar="HOST:PORT",
                    help="serve /metrics and /healthz here (default %(default)s; off: none)")

@@ -10,6 +10,9 @@ The file (YAML or JSON) mirrors the etcd keys, with the same fields and defaults
       chat:
         gpu-0: {address: 10.0.0.11, port: 8000}
         gpu-1: {address: gpu-1.internal, port: 8000, weight: 2}
+    splits:                    # splits/<model> (docs/splits.md)
+      chat:
+        arms: [{pool: chat, weight: 95}, {pool: chat-next, weight: 5, served_model: m2}]
 
 ``apply`` is declarative and idempotent, like ``kubectl apply``: it checks the whole file,
 against itself and against what etcd holds, and writes nothing if anything is wrong;
@@ -23,7 +26,7 @@ them, and ``export`` leaves them out unless asked.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -31,15 +34,18 @@ import yaml
 from control_plane.config.model import (
     Endpoint,
     Pool,
+    Split,
     check_models_free,
     endpoint_to_json,
     parse_endpoint,
     parse_pool,
+    parse_split,
     pool_to_json,
+    split_to_json,
 )
 from control_plane.errors import ConfigError, ConfigFileError
 
-SECTIONS = ("pools", "endpoints")
+SECTIONS = ("pools", "endpoints", "splits")
 ACTIONS = ("created", "updated", "unchanged", "deleted")
 
 
@@ -49,6 +55,7 @@ class Desired:
 
     pools: dict[str, Pool]
     endpoints: dict[tuple[str, str], Endpoint]
+    splits: dict[str, Split] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -158,9 +165,28 @@ def parse_document(path: str, data: Any) -> Desired:
                     key, pool_name, endpoint_id, _as_json(value))
             except ConfigError as exc:
                 problems.append(str(exc))
+    splits: dict[str, Split] = {}
+    for model, value in _entries(problems, "splits", data.get("splits")):
+        key = f"splits/{model}"
+        try:
+            splits[model] = parse_split(key, model, _as_json(value))
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        owners = [pool.name for pool in pools.values() if model in pool.models]
+        if owners:
+            problems.append(f"{key}: model {model!r} already belongs to pool {owners[0]!r} "
+                            "(a split's model must be in no pool's models)")
     if problems:
         raise ConfigFileError(path, problems)
-    return Desired(pools=pools, endpoints=endpoints)
+    return Desired(pools=pools, endpoints=endpoints, splits=splits)
+
+
+def _stored_split(key: str, raw: bytes) -> Split | None:
+    try:
+        return parse_split(key, key.split("/", 1)[1], raw)
+    except ConfigError:
+        return None
 
 
 def _stored_pool(key: str, raw: bytes) -> Pool | None:
@@ -229,6 +255,27 @@ def plan(path: str, desired: Desired, stored: dict[str, Stored], prune: bool) ->
             if parts[0] != "endpoints" or len(parts) != 3 or parts[1:] in desired.endpoints:
                 continue
             changes.append(Change(key, "kept" if old.lease else "deleted"))
+    for model, split in desired.splits.items():
+        key = f"splits/{model}"
+        for index, arm in enumerate(split.arms):
+            if arm.pool not in known_pools:
+                problems.append(f"{key}: arms[{index}].pool {arm.pool!r} is neither in this "
+                                "file nor in etcd")
+        for name, other in staying.items():
+            if other is not None and model in other.models:
+                problems.append(f"{key}: model {model!r} already belongs to pool {name!r} in "
+                                "etcd (a split's model must be in no pool's models)")
+        old = stored.get(key)
+        if old is None:
+            changes.append(Change(key, "created", split_to_json(split)))
+        elif _stored_split(key, old.raw) == split:
+            changes.append(Change(key, "unchanged"))
+        else:
+            changes.append(Change(key, "updated", split_to_json(split)))
+    if prune:
+        for key in sorted(stored):
+            if key.startswith("splits/") and key.split("/", 1)[1] not in desired.splits:
+                changes.append(Change(key, "deleted"))
     if problems:
         raise ConfigFileError(path, problems)
     return changes

@@ -15,7 +15,8 @@ hash_balance_factor         ConsistentHashingLbConfig.hash_balance_      UInt32V
 weight                      LbEndpoint.load_balancing_weight             UInt32Value, >= 1;
                                                                          a locality's sum
                                                                          <= 2^32-1
-(ring size, derived)        RingHashLbConfig.minimum/maximum_ring_size   <= 8388608
+ring_points_per_weight      (x total weight = RingHashLbConfig.minimum_  <= 8388608 (hotpath:
+                            ring_size; maximum_ring_size = the bound)     1..4096 per weight)
 port                        SocketAddress.port_value                     <= 65535
 warmup.*_s, --idle-timeout  google.protobuf.Duration                     |seconds| <=
                                                                          315576000000
@@ -42,14 +43,22 @@ HASH_BALANCE_FACTOR_MIN: Final = 100
 HASH_BALANCE_FACTOR_MAX: Final = UINT32_MAX
 
 # LbEndpoint.load_balancing_weight: Envoy needs >= 1 and a locality's sum <= 2^32-1. hotpath
-# caps a host's configured weight at 128 itself: a warm host has 1024 ring points per weight
-# unit (translate/warmth.py), so 64 hosts of weight 128 fill Envoy's 8 Mi maximum ring, and
-# the EDS weight (weight x SPILL_SCALE 16 at most) of even 10^6 hosts stays far below 2^32.
+# caps a host's configured weight at 128 itself: the EDS weight (weight x SPILL_SCALE 16 at
+# most, translate/warmth.py) of even 10^6 hosts stays far below 2^32.
 WEIGHT_MIN: Final = 1
 WEIGHT_MAX: Final = 128
 
 # RingHashLbConfig.minimum_ring_size and maximum_ring_size: UInt64Value, lte 8388608.
 RING_SIZE_MAX: Final = 8 * 1024 * 1024
+
+# pools/<pool> ring_points_per_weight (DESIGN.md Additions): a warm host of weight w has
+# w x this many ring points, and the minimum ring size is the sum over the ring. A pool whose
+# total is over RING_SIZE_MAX is clamped to it (translate/clusters.py). The default keeps a
+# 10 x 1,000-host fleet within Envoy's apply-time and memory targets while 3-host pools stay
+# balanced; docs/scale.md has the measurements.
+RING_POINTS_PER_WEIGHT_MIN: Final = 1
+RING_POINTS_PER_WEIGHT_MAX: Final = 4096
+RING_POINTS_PER_WEIGHT_DEFAULT: Final = 128
 
 # SocketAddress.port_value: uint32, lte 65535 (0 would mean "any", never an upstream).
 PORT_MIN: Final = 1

@@ -33,6 +33,10 @@ INTERNAL_HEADERS = contract.INTERNAL_HEADERS
 MAX_SESSION_HEADERS = 8
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Pool.session_ttl_s: 10 minutes, longer than a user's pause between chat turns and about as
+# long as a vLLM server keeps an idle prefix cached under load.
+DEFAULT_SESSION_TTL_S = 600.0
+SESSION_TTL_MAX_S = 7 * 24 * 3600.0
 
 
 class WarmState(StrEnum):
@@ -62,6 +66,12 @@ class Pool:
     session_headers: tuple[str, ...] = (DEFAULT_SESSION_HEADER,)
     hash_balance_factor: int = 150
     warmup: Warmup = field(default_factory=Warmup)
+    # Ring points per unit of endpoint weight (ring_hash only; docs/scale.md has the
+    # measurements behind the default and when to lower it).
+    ring_points_per_weight: int = limits.RING_POINTS_PER_WEIGHT_DEFAULT
+    # A session served within this long is active: a split's weight change leaves it on its
+    # arm until it has been idle this long (docs/splits.md).
+    session_ttl_s: float = DEFAULT_SESSION_TTL_S
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,9 @@ class Config:
     pools: Mapping[str, Pool] = field(default_factory=dict)
     endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=dict)
     statuses: Mapping[str, Mapping[str, Status]] = field(default_factory=dict)
+    # splits/<model> in force, and the leader's split-slots/<model> tables (valid ones).
+    splits: Mapping[str, Split] = field(default_factory=dict)
+    split_slots: Mapping[str, SplitSlots] = field(default_factory=dict)
 
 
 def is_ip(value: str) -> bool:
@@ -205,7 +218,7 @@ def parse_warmup(key: str, value: Any) -> Warmup:
 
 
 _POOL_FIELDS = ("models", "lb", "session_header", "session_headers", "hash_balance_factor",
-                "warmup")
+                "warmup", "ring_points_per_weight", "session_ttl_s")
 
 
 def _session_headers(key: str, value: Mapping[str, Any]) -> tuple[str, ...]:
@@ -263,8 +276,26 @@ def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
                                f" (or 0 for off), got {factor}")
     limits.at_most(key, "hash_balance_factor", factor, limits.HASH_BALANCE_FACTOR_MAX)
     warmup = parse_warmup(key, value["warmup"]) if "warmup" in value else Warmup()
+    points = _number(key, "ring_points_per_weight",
+                     value.get("ring_points_per_weight", limits.RING_POINTS_PER_WEIGHT_DEFAULT),
+                     minimum=limits.RING_POINTS_PER_WEIGHT_MIN, integer=True)
+    limits.at_most(key, "ring_points_per_weight", points, limits.RING_POINTS_PER_WEIGHT_MAX)
+    ttl = _number(key, "session_ttl_s", value.get("session_ttl_s", DEFAULT_SESSION_TTL_S),
+                  minimum=0)
+    if ttl <= 0:
+        raise ConfigError(key, f"session_ttl_s must be > 0, got {ttl}")
+    limits.at_most(key, "session_ttl_s", ttl, SESSION_TTL_MAX_S)
     return Pool(name=name, models=tuple(models), lb=lb, session_headers=headers,
-                hash_balance_factor=factor, warmup=warmup)
+                hash_balance_factor=factor, warmup=warmup, ring_points_per_weight=points,
+                session_ttl_s=float(ttl))
+
+
+def _check_model_name(key: str, what: str, model: Any) -> str:
+    if not isinstance(model, str) or not model or len(model) > 256:
+        raise ConfigError(key, f"{what} must be a string of 1-256 chars, got {json.dumps(model)}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in model):
+        raise ConfigError(key, f"{what} {model!r} contains control characters")
+    return model
 
 
 def check_models_free(key: str, pool: Pool, others: Iterable[Pool], where: str = "") -> None:
@@ -356,7 +387,7 @@ def pool_to_json(pool: Pool) -> dict[str, Any]:
     """The etcd value of a pool, with defaults left out so later default changes apply."""
     default = Pool(name=pool.name, models=pool.models)
     value: dict[str, Any] = {"models": list(pool.models)}
-    for name in ("lb", "hash_balance_factor"):
+    for name in ("lb", "hash_balance_factor", "ring_points_per_weight", "session_ttl_s"):
         if getattr(pool, name) != getattr(default, name):
             value[name] = getattr(pool, name)
     if len(pool.session_headers) > 1:
@@ -401,3 +432,122 @@ class GatewaySettings:
     # non-streaming generation sends nothing until it is done.
     idle_timeout_s: float = 900.0
     access_log_path: str = "/dev/stdout"
+    # Stream every request's timings to the control plane (warmth from real traffic).
+    traffic_stream: bool = True
+
+
+# -- splits ---------------------------------------------------------------------------------
+# splits/<model> (operator) and split-slots/<model> (the control planes' leader). The slot
+# table itself (how sessions map to arms, and how it changes) is config/splits.py.
+
+MAX_SPLIT_ARMS = 16
+SPLIT_WEIGHT_MAX = 1_000_000
+
+
+@dataclass(frozen=True)
+class SplitArm:
+    pool: str
+    weight: int
+    served_model: str  # the body's `model` this arm's servers receive
+
+
+@dataclass(frozen=True)
+class Split:
+    """Clients ask for ``model``; each session is served by one arm (docs/splits.md)."""
+
+    model: str
+    arms: tuple[SplitArm, ...]
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(arm.pool for arm in self.arms)
+
+
+@dataclass(frozen=True)
+class SplitSlots:
+    """The leader's slot table of a split: ``table[slot]`` is an index into ``pools`` (one
+    character per slot, config/splits.py); ``pools`` are the arm pools the table was derived
+    for, so an edit of the arm list is mapped by pool, not by position."""
+
+    model: str
+    pools: tuple[str, ...]
+    table: str
+
+
+_SPLIT_FIELDS = ("arms",)
+_ARM_FIELDS = ("pool", "weight", "served_model")
+
+
+def parse_split(key: str, model: str, raw: bytes | str) -> Split:
+    _check_model_name(key, "split model", model)
+    value = _load_object(key, raw)
+    _reject_unknown(key, value, _SPLIT_FIELDS)
+    arms = value.get("arms")
+    if not isinstance(arms, list) or not 1 <= len(arms) <= MAX_SPLIT_ARMS:
+        raise ConfigError(key, f"arms must be a list of 1-{MAX_SPLIT_ARMS} arms, got "
+                               f"{json.dumps(arms)[:200]}")
+    parsed = []
+    for index, arm in enumerate(arms):
+        where = f"arms[{index}]"
+        if not isinstance(arm, dict):
+            raise ConfigError(key, f"{where} must be an object, got {json.dumps(arm)[:200]}")
+        unknown = sorted(set(arm) - set(_ARM_FIELDS))
+        if unknown:
+            raise ConfigError(key, f"unknown {where} field(s) {', '.join(unknown)} "
+                                   f"(allowed: {', '.join(_ARM_FIELDS)})")
+        if "pool" not in arm:
+            raise ConfigError(key, f"{where}.pool is required")
+        pool = arm["pool"]
+        if not isinstance(pool, str):
+            raise ConfigError(key, f"{where}.pool must be a pool name, got {json.dumps(pool)}")
+        check_name(key, f"{where}.pool", pool)
+        if "weight" not in arm:
+            raise ConfigError(key, f"{where}.weight is required (an integer >= 0)")
+        weight = _number(key, f"{where}.weight", arm["weight"], minimum=0, integer=True)
+        limits.at_most(key, f"{where}.weight", weight, SPLIT_WEIGHT_MAX)
+        served = _check_model_name(key, f"{where}.served_model", arm.get("served_model", model))
+        parsed.append(SplitArm(pool=pool, weight=weight, served_model=served))
+    pools = [arm.pool for arm in parsed]
+    if len(set(pools)) != len(pools):
+        raise ConfigError(key, "arms lists a pool twice (one arm per pool)")
+    if sum(arm.weight for arm in parsed) <= 0:
+        raise ConfigError(key, "arms' weights must have a positive sum, got 0")
+    return Split(model=model, arms=tuple(parsed))
+
+
+def split_to_json(split: Split) -> dict[str, Any]:
+    arms: list[dict[str, Any]] = []
+    for arm in split.arms:
+        item: dict[str, Any] = {"pool": arm.pool, "weight": arm.weight}
+        if arm.served_model != split.model:
+            item["served_model"] = arm.served_model
+        arms.append(item)
+    return {"arms": arms}
+
+
+_SPLIT_SLOTS_FIELDS = ("arms", "slots")
+
+
+def parse_split_slots(key: str, model: str, raw: bytes | str, slot_count: int) -> SplitSlots:
+    """``{"arms": [pool, ...], "slots": "<one arm index per slot>"}``; ``slot_count`` is the
+    table size both the control plane and the Lua filter use."""
+    _check_model_name(key, "split model", model)
+    value = _load_object(key, raw)
+    _reject_unknown(key, value, _SPLIT_SLOTS_FIELDS)
+    pools = value.get("arms")
+    if (not isinstance(pools, list) or not 1 <= len(pools) <= MAX_SPLIT_ARMS
+            or not all(isinstance(p, str) and NAME_RE.fullmatch(p) for p in pools)
+            or len(set(pools)) != len(pools)):
+        raise ConfigError(key, f"arms must be a list of 1-{MAX_SPLIT_ARMS} distinct pool "
+                               f"names, got {json.dumps(pools)[:200]}")
+    table = value.get("slots")
+    if not isinstance(table, str) or len(table) != slot_count:
+        raise ConfigError(key, f"slots must be a string of {slot_count} arm indexes")
+    allowed = SLOT_DIGITS[:len(pools)]
+    if any(c not in allowed for c in set(table)):
+        raise ConfigError(key, f"slots holds an arm index outside 0..{len(pools) - 1}")
+    return SplitSlots(model=model, pools=tuple(pools), table=table)
+
+
+# One character per slot: the arm's index as a hex digit (MAX_SPLIT_ARMS = 16).
+SLOT_DIGITS = "0123456789abcdef"

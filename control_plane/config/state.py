@@ -22,6 +22,15 @@ agree:
   its newest earlier value that does not conflict (or is out, with the conflict reported,
   if none). Every pool change settles every pool again, so a refused pool comes in as soon
   as the model is free. A refused value never changes the config in force.
+- Splits (``splits/<model>``) settle after the pools. A pool claiming the model of a split
+  key created before it is refused, like a pool claiming an older pool's model; a split
+  whose model an (older) pool serves is refused. A split value naming a pool that does not
+  exist when it is written is refused (its last good value stays in force); a split whose
+  arm pool is deleted later stays in force, degraded (config/splits.py gives the gone arm's
+  sessions to the others). After a restart the control plane cannot tell whether a pool
+  that is gone now existed when the split was written: such a value is taken as degraded,
+  and one naming a pool created after it as refused.
+- ``split-slots/<model>`` (the leader's tables): like endpoints, the newest valid value.
 - A delete ends a key's history; a key created again starts a new one.
 """
 
@@ -34,15 +43,23 @@ from control_plane.config.model import (
     Config,
     Endpoint,
     Pool,
+    Split,
+    SplitSlots,
     Status,
     check_models_free,
     parse_endpoint,
     parse_pool,
+    parse_split,
+    parse_split_slots,
     parse_status,
 )
+from control_plane.config.splits import SLOTS
 from control_plane.errors import ConfigError
 
-Parsed = Pool | Endpoint | Status
+Parsed = Pool | Endpoint | Status | Split | SplitSlots
+
+SPLITS = "splits/"
+SPLIT_SLOTS = "split-slots/"
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,11 @@ def parse_value(key: str, value: bytes) -> Parsed:
     parts = key.split("/")
     kind = parts[0]
     try:
+        # A model name may hold '/': everything after the kind is the model.
+        if key.startswith(SPLITS) and len(key) > len(SPLITS):
+            return parse_split(key, key[len(SPLITS):], value)
+        if key.startswith(SPLIT_SLOTS) and len(key) > len(SPLIT_SLOTS):
+            return parse_split_slots(key, key[len(SPLIT_SLOTS):], value, SLOTS)
         if kind == "pools" and len(parts) == 2:
             return parse_pool(key, parts[1], value)
         if kind == "endpoints" and len(parts) == 3:
@@ -88,12 +110,22 @@ def parse_value(key: str, value: bytes) -> Parsed:
         raise ConfigError(key, f"value cannot be used ({type(exc).__name__}: "
                                f"{str(exc)[:200]})") from None
     raise ConfigError(
-        key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id> or status/<pool>/<id>)"
+        key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id>, status/<pool>/<id>, "
+             "splits/<model> or split-slots/<model>)"
     )
 
 
 def _is_pool(key: str) -> bool:
     return key.startswith("pools/") and key.count("/") == 1
+
+
+def _is_split(key: str) -> bool:
+    return key.startswith(SPLITS) and len(key) > len(SPLITS)
+
+
+def _settles_all(key: str) -> bool:
+    """Keys whose change settles pools and splits together (they constrain each other)."""
+    return _is_pool(key) or _is_split(key)
 
 
 class ConfigState:
@@ -104,6 +136,8 @@ class ConfigState:
         self._pools: dict[str, Pool] = {}
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self._statuses: dict[tuple[str, str], Status] = {}
+        self._splits: dict[str, Split] = {}
+        self._split_slots: dict[str, SplitSlots] = {}
         self._rejected: dict[str, str] = {}
         self.revision = 0
 
@@ -137,19 +171,26 @@ class ConfigState:
         key's create_revision (default: kept from the key's earlier value, else
         ``revision``). Returns the key's rejection, if any."""
         self._put(key, value, revision, created)
+        if _is_split(key) and value is not None:
+            self._check_arm_pools(key, live=True)
         return self._settle(key)
 
     def apply_all(self, items: Iterable[tuple[str, bytes | None, int, int | None]]) -> None:
         """Apply many (key, value, revision, created) at once (a re-list), settling the
         pools once; the outcome does not depend on the order of ``items``."""
         pools = False
+        splits: list[str] = []
         for key, value, revision, created in items:
             self._put(key, value, revision, created)
-            if _is_pool(key):
+            if _settles_all(key):
                 pools = True
+                if _is_split(key) and value is not None:
+                    splits.append(key)
             else:
                 self._settle_one(key)
         if pools:
+            for key in splits:  # against the pools as given, whatever the order of items
+                self._check_arm_pools(key, live=False)
             self._settle_pools()
 
     def refuse(self, key: str, value: bytes, message: str, revision: int = 0,
@@ -171,7 +212,7 @@ class ConfigState:
         entry = self._keys.get(key)
         if entry is None:
             return False
-        return _is_pool(key) or isinstance(entry.latest, str)
+        return _settles_all(key) or isinstance(entry.latest, str)
 
     def remember(self, key: str, value: bytes, mod_revision: int) -> bool:
         """Add an earlier value of ``key`` read from etcd's history (walking back from the
@@ -186,7 +227,7 @@ class ConfigState:
             return True
         self._add_history(key, entry, mod_revision, parsed)
         self._settle(key)
-        return _is_pool(key)
+        return _settles_all(key)
 
     def in_force(self, key: str) -> bool:
         """Whether some value of this key (its latest or an earlier good one) is in force."""
@@ -197,6 +238,10 @@ class ConfigState:
             return (parts[1], parts[2]) in self._endpoints
         if parts[0] == "status" and len(parts) == 3:
             return (parts[1], parts[2]) in self._statuses
+        if _is_split(key):
+            return key[len(SPLITS):] in self._splits and key in self._keys
+        if key.startswith(SPLIT_SLOTS):
+            return key[len(SPLIT_SLOTS):] in self._split_slots
         return False
 
     # -- internals -----------------------------------------------------------------------
@@ -235,8 +280,26 @@ class ConfigState:
         history.append((mod_revision, parsed))
         history.sort(key=lambda item: -item[0])
 
+    def _check_arm_pools(self, key: str, live: bool) -> None:
+        """Refuse the latest split value of ``key`` when an arm's pool does not exist as it
+        is written (live: in force now; from a listing: created after the value, see the
+        module docstring)."""
+        entry = self._keys.get(key)
+        if entry is None or not isinstance(entry.latest, Split):
+            return
+        for index, arm in enumerate(entry.latest.arms):
+            pool_entry = self._keys.get(f"pools/{arm.pool}")
+            if live:
+                missing = arm.pool not in self._pools
+            else:
+                missing = pool_entry is not None and pool_entry.created > entry.modified
+            if missing:
+                entry.latest = (f"{key}: arms[{index}].pool {arm.pool!r} does not exist "
+                                "(create the pool first)")
+                return
+
     def _settle(self, key: str) -> Rejection | None:
-        if _is_pool(key):
+        if _settles_all(key):
             self._settle_pools()
         else:
             self._settle_one(key)
@@ -251,6 +314,8 @@ class ConfigState:
             table = self._endpoints
         elif len(parts) == 3 and parts[0] == "status":
             table = self._statuses
+        elif key.startswith(SPLIT_SLOTS):
+            self._settle_slots(key, entry)
         if entry is None or not isinstance(entry.latest, str):
             self._rejected.pop(key, None)
         else:
@@ -268,10 +333,54 @@ class ConfigState:
         else:
             table[(parts[1], parts[2])] = value  # type: ignore[assignment]
 
+    def _settle_slots(self, key: str, entry: _Key | None) -> None:
+        model = key[len(SPLIT_SLOTS):]
+        value: Parsed | None = None
+        if entry is not None:
+            value = entry.latest if not isinstance(entry.latest, str) else (
+                entry.history[0][1] if entry.history else None)
+        if isinstance(value, SplitSlots):
+            self._split_slots[model] = value
+        else:
+            self._split_slots.pop(model, None)
+
+    def _split_claims(self) -> dict[str, int]:
+        """Split model -> its key's create revision, for split keys with a valid value."""
+        claims = {}
+        for key, entry in self._keys.items():
+            if _is_split(key) and (not isinstance(entry.latest, str) or entry.history):
+                claims[key[len(SPLITS):]] = entry.created
+        return claims
+
+    def _settle_splits(self) -> None:
+        splits: dict[str, Split] = {}
+        served = {model: pool.name for pool in self._pools.values() for model in pool.models}
+        for key in sorted(k for k in self._keys if _is_split(k)):
+            entry = self._keys[key]
+            model = key[len(SPLITS):]
+            value = entry.latest if not isinstance(entry.latest, str) else (
+                entry.history[0][1] if entry.history else None)
+            if model in served:
+                self._rejected[key] = (f"{key}: model {model!r} already belongs to pool "
+                                       f"{served[model]!r} (a split's model must be in no "
+                                       "pool's models)")
+                continue
+            if isinstance(value, Split):
+                splits[model] = value
+            if isinstance(entry.latest, str):
+                self._rejected[key] = entry.latest
+            else:
+                self._rejected.pop(key, None)
+        for key in [k for k in self._rejected if _is_split(k) and k not in self._keys]:
+            del self._rejected[key]
+        self._splits = splits
+
     def _settle_pools(self) -> None:
-        """Every pool again, oldest key first: the older pool keeps a model."""
+        """Every pool again, oldest key first: the older pool keeps a model (and an older
+        split key its model); then the splits against the pools in force."""
         order = sorted((entry.created, key) for key, entry in self._keys.items()
                        if _is_pool(key))
+        claims = self._split_claims()
         pools: dict[str, Pool] = {}
         for _, key in order:
             entry = self._keys[key]
@@ -282,6 +391,11 @@ class ConfigState:
                 assert isinstance(candidate, Pool)
                 try:
                     check_models_free(key, candidate, pools.values())
+                    for model in candidate.models:
+                        if claims.get(model, entry.created) < entry.created:
+                            raise ConfigError(key, f"model {model!r} is split by "
+                                                   f"splits/{model} (a split's model "
+                                                   "belongs to no pool)")
                 except ConfigError as exc:
                     if candidate is entry.latest:
                         conflict = str(exc)
@@ -297,6 +411,7 @@ class ConfigState:
         for key in [k for k in self._rejected if _is_pool(k) and k not in self._keys]:
             del self._rejected[key]
         self._pools = pools
+        self._settle_splits()
 
     def config(self) -> Config:
         endpoints: dict[str, dict[str, Endpoint]] = {}
@@ -306,4 +421,5 @@ class ConfigState:
         for (pool, endpoint_id), status in sorted(self._statuses.items()):
             statuses.setdefault(pool, {})[endpoint_id] = status
         return Config(pools=dict(sorted(self._pools.items())), endpoints=endpoints,
-                      statuses=statuses)
+                      statuses=statuses, splits=dict(sorted(self._splits.items())),
+                      split_slots=dict(sorted(self._split_slots.items())))

@@ -31,8 +31,14 @@ Rules:
   longest idle first, while ``min_warm`` that are not down stay probed. Releasing cancels
   the probe in flight and marks the endpoint cold; an endpoint no longer chosen is kept
   warm again and due at once (probed on the next pass).
+- Real traffic (``traffic_seen``, every control plane's window merged, at each read) judges
+  an endpoint with at least ``min_traffic_samples`` samples (traffic/judge.py): its verdict,
+  fast or slow, feeds the same state machine as a probe outcome, and the state records
+  ``source: traffic`` with the window's p50/p90 and rate. Such an endpoint is not probed
+  while its traffic lasts; with too little traffic, probes decide (``source: probe``).
 - Of the endpoints due at the start of a pass (and not in flight), each is, first match:
-  skipped ``released``; skipped ``busy`` when Envoy has a request in flight to it (never
+  skipped ``released``; skipped ``traffic`` when real traffic judged it at the last read;
+  skipped ``busy`` when Envoy has a request in flight to it (never
   disturb a single-slot server); skipped ``traffic`` when it is warm (or has no state yet:
   it then counts as warm) and served real traffic within its interval; otherwise probed.
   A skipped endpoint is due again after one interval. Cold and down endpoints are probed
@@ -56,10 +62,25 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from control_plane.config.model import Config, Endpoint, Pool, Status, WarmState
+from control_plane.config.model import (
+    Config,
+    Endpoint,
+    Pool,
+    Source,
+    Status,
+    TrafficSummary,
+    WarmState,
+)
 from control_plane.prober import state as machine
 from control_plane.prober.probe import probe_url, warmup_body
 from control_plane.prober.traffic import TrafficTracker
+from control_plane.traffic.judge import (
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_PREFILL_MS_PER_KIB,
+    Verdict,
+    judge,
+)
+from control_plane.traffic.window import EndpointTraffic
 from control_plane.translate.warmth import stale_after_s
 
 Key = tuple[str, str]  # (pool, endpoint id)
@@ -138,6 +159,20 @@ class Probed:
 
 
 @dataclass(frozen=True)
+class Judged:
+    """Real traffic decided an outcome; ``before`` is the state it found."""
+
+    key: Key
+    verdict: Verdict
+    before: WarmState | None
+    warmth: machine.Warmth
+
+    @property
+    def changed(self) -> bool:
+        return self.warmth.state is not self.before
+
+
+@dataclass(frozen=True)
 class Released:
     """Let go cold: idle for ``idle_s`` with more than ``min_warm`` kept."""
 
@@ -160,8 +195,8 @@ class Forgotten:
     key: Key
 
 
-Action = Probe | CancelProbe | WriteStatus | DeleteStatus | Skipped | Released | KeptWarm | \
-    Forgotten
+Action = Probe | CancelProbe | WriteStatus | DeleteStatus | Skipped | Judged | Released | \
+    KeptWarm | Forgotten
 
 
 @dataclass(frozen=True)
@@ -173,6 +208,9 @@ class Policy:
     idle_horizon_s: float = 600.0
     min_warm: int | None = None  # endpoints per pool kept warm; None: all
     min_warm_per_pool: Mapping[str, int] = field(default_factory=dict)
+    # Warmth from real traffic (traffic/judge.py).
+    prefill_ms_per_kib: float = DEFAULT_PREFILL_MS_PER_KIB
+    min_traffic_samples: int = DEFAULT_MIN_SAMPLES
 
     def min_warm_for(self, pool: str) -> int | None:
         return self.min_warm_per_pool.get(pool, self.min_warm)
@@ -188,6 +226,8 @@ class Tracked:
     first_seen: float  # unix time
     written: Status | None = None  # the last record written, or found in etcd
     probing: bool = False
+    source: Source = Source.PROBE  # which signal decided the state last
+    traffic: TrafficSummary | None = None  # what real traffic showed, when it decided
 
 
 def poll_period_s(config: Config) -> float:
@@ -209,6 +249,7 @@ class Scheduler:
         self._tracked: dict[Key, Tracked] = {}
         self._last_read = -1e9  # monotonic time of the last traffic read
         self._deleted: dict[Key, float] = {}  # orphan statuses deleted, when (monotonic)
+        self._verdicts: dict[Key, Verdict] = {}  # from the last read of real traffic
 
     @property
     def tracked(self) -> Mapping[Key, Tracked]:
@@ -281,6 +322,34 @@ class Scheduler:
         """The tracker was fed a fresh read of every Envoy admin."""
         self._last_read = now_m
 
+    def traffic_seen(self, reports: Mapping[Key, EndpointTraffic]) -> list[Action]:
+        """A fresh read of real traffic (every control plane's window, merged). An endpoint
+        with enough of it is judged by it (``Judged``) and is not probed while it lasts;
+        the others are left to probes."""
+        if not self.leader:
+            return []
+        self._verdicts = {}
+        actions: list[Action] = []
+        for key, traffic in reports.items():
+            tracked = self._tracked.get(key)
+            if tracked is None or tracked.warmth.released:
+                continue
+            pool = self._config.pools[key[0]]
+            verdict = judge(traffic, pool.warmup.cold_ttft_ms, self.policy.prefill_ms_per_kib,
+                            self.policy.min_traffic_samples)
+            if verdict is None:
+                continue
+            self._verdicts[key] = verdict
+            before = tracked.warmth.state
+            outcome = machine.Outcome.SLOW if verdict.slow else machine.Outcome.FAST
+            tracked.warmth = machine.observe(tracked.warmth, outcome, verdict.decided_ms,
+                                             self.policy.thresholds)
+            tracked.source = Source.TRAFFIC
+            tracked.traffic = TrafficSummary(p50_ms=verdict.p50_ms, p90_ms=verdict.p90_ms,
+                                             rps=verdict.rps, window_s=verdict.window_s)
+            actions.append(Judged(key, verdict, before, tracked.warmth))
+        return actions
+
     def decide(self, now_m: float, now: float) -> list[Action]:
         """Release, skip or probe what is due, then the writes."""
         if not self.leader:
@@ -314,6 +383,7 @@ class Scheduler:
         before = tracked.warmth.state
         tracked.warmth = machine.observe(tracked.warmth, outcome, ttft_ms,
                                          self.policy.thresholds)
+        tracked.source, tracked.traffic = Source.PROBE, None
         tracked.next_due = now_m + machine.next_probe_delay_s(tracked.warmth,
                                                               pool.warmup.interval_s)
         return Probed(key, outcome, before, tracked.warmth)
@@ -369,6 +439,8 @@ class Scheduler:
         reason = None
         if warmth.released:
             reason = SkipReason.RELEASED
+        elif key in self._verdicts:
+            reason = SkipReason.TRAFFIC  # judged by its real traffic: no probe needed
         elif self.tracker.busy(*key):
             reason = SkipReason.BUSY  # never disturb a request in flight (single-slot servers)
         elif warmth.state in (None, WarmState.WARM) and self.tracker.served_within(
@@ -395,5 +467,6 @@ class Scheduler:
             assert tracked.warmth.state is not None
             actions.append(WriteStatus(key, Status(
                 pool=key[0], id=key[1], state=tracked.warmth.state,
-                ttft_ms=tracked.warmth.ttft_ms, checked_at=round(now, 3))))
+                ttft_ms=tracked.warmth.ttft_ms, checked_at=round(now, 3),
+                source=tracked.source, traffic=tracked.traffic)))
         return actions

@@ -37,6 +37,7 @@ from control_plane.prober.scheduler import (
     CancelProbe,
     DeleteStatus,
     Forgotten,
+    Judged,
     KeptWarm,
     Key,
     Policy,
@@ -53,6 +54,8 @@ from control_plane.runtime.metrics import Family, Histogram, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings, delete, etcd_client, put_json
 from control_plane.store.leader import LeaderElection
+from control_plane.traffic.judge import DEFAULT_PREFILL_MS_PER_KIB, merge
+from control_plane.traffic.window import EndpointTraffic, Sample
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ DEFAULT_METRICS = "127.0.0.1:9102"
 DEFAULT_IDLE_HORIZON_S = 600.0
 DEFAULT_LEADER_TTL_S = 10
 ADMIN_TIMEOUT_S = 2.0
-ACTIVE_FILTER = quote(r"\.upstream_rq_active$")
+DROPPED_STAT = "access_logs.grpc_access_log.logs_dropped"
+ACTIVE_FILTER = quote(r"\.upstream_rq_active$|^access_logs\.grpc_access_log\.logs_dropped$")
 
 
 def default_identity() -> str:
@@ -78,6 +82,10 @@ class ProberSettings:
     idle_horizon_s: float = DEFAULT_IDLE_HORIZON_S
     min_warm: int | None = None  # endpoints per pool kept warm; None: all
     min_warm_per_pool: Mapping[str, int] = field(default_factory=dict)
+    # Control-plane metrics URLs whose /traffic windows show real traffic's time to first
+    # token (every control plane whose Envoys serve the pools); none: probes only.
+    traffic_urls: tuple[str, ...] = ()
+    prefill_ms_per_kib: float = DEFAULT_PREFILL_MS_PER_KIB
     election: bool = True
     leader_ttl_s: int = DEFAULT_LEADER_TTL_S
     identity: str = field(default_factory=default_identity)
@@ -90,7 +98,8 @@ class ProberSettings:
         """What the scheduler needs of these settings."""
         return Policy(system_prompt=self.system_prompt, thresholds=self.thresholds,
                       idle_horizon_s=self.idle_horizon_s, min_warm=self.min_warm,
-                      min_warm_per_pool=self.min_warm_per_pool)
+                      min_warm_per_pool=self.min_warm_per_pool,
+                      prefill_ms_per_kib=self.prefill_ms_per_kib)
 
 
 class ProberMetrics:
@@ -123,10 +132,21 @@ class ProberMetrics:
                              "status/<pool>/<id> writes to etcd", ("pool",))
         self.leader = Family("hotpath_prober_leader", "gauge",
                              "1 while this prober is the leader (the one that probes)", ())
+        self.endpoint_ttft = Histogram("hotpath_endpoint_ttft_seconds",
+                                       "time to first token, by endpoint and signal (the "
+                                       "control plane reports source=traffic)",
+                                       ("pool", "endpoint", "source"))
+        self.verdicts = Family("hotpath_prober_traffic_verdicts_total", "counter",
+                               "endpoints judged by their real traffic, by verdict",
+                               ("pool", "endpoint", "verdict"))
+        self.dropped = Family("hotpath_envoy_access_logs_dropped", "gauge",
+                              "access-log entries an Envoy could not stream (its "
+                              "logs_dropped counter)", ("envoy",))
 
     def families(self) -> list[Family]:
         return [self.probes, self.skipped, self.rejected, self.latency, self.tokens,
-                self.state, self.ttft, self.released, self.writes, self.leader]
+                self.state, self.ttft, self.released, self.writes, self.leader,
+                self.endpoint_ttft, self.verdicts, self.dropped]
 
     def set_endpoint(self, key: Key, warmth: machine.Warmth) -> None:
         pool, eid = key
@@ -139,7 +159,7 @@ class ProberMetrics:
     def forget(self, key: Key) -> None:
         labels = {"pool": key[0], "endpoint": key[1]}
         for family in (self.probes, self.skipped, self.rejected, self.state, self.ttft,
-                       self.released):
+                       self.released, self.endpoint_ttft, self.verdicts):
             family.remove(labels)
 
 
@@ -157,6 +177,7 @@ class Prober:
         self._client: Etcd3Client | None = None
         self._client_stack: AsyncExitStack | None = None
         self._admin_down: set[str] = set()
+        self._traffic_down: set[str] = set()
         self._logged: dict[Key, str] = {}
         self._probes: dict[Key, asyncio.Task[None]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()  # probes stopped, not yet finished
@@ -238,8 +259,12 @@ class Prober:
         sleep before the next pass."""
         self._cancelled = {t for t in self._cancelled if not t.done()}
         await self._execute(self.scheduler.reconcile(self.config_state.config(), now_m, now))
-        if self.settings.admin_urls and self.scheduler.traffic_due(now_m):
+        if (self.settings.admin_urls or self.settings.traffic_urls) and \
+                self.scheduler.traffic_due(now_m):
             await self._poll_admin(now)
+            reports = await self._poll_traffic()
+            if self.settings.traffic_urls:
+                await self._execute(self.scheduler.traffic_seen(reports))
             self.scheduler.traffic_read(now_m)
         await self._execute(self.scheduler.decide(now_m, now))
         self._show_endpoints()
@@ -261,6 +286,8 @@ class Prober:
                 writing = writing and await self._write_status(action)
             elif isinstance(action, DeleteStatus):
                 await self._delete_status(action.key)
+            elif isinstance(action, Judged):
+                self._judged(action)
             elif isinstance(action, Skipped):
                 self.metrics.skipped.inc(*action.key, action.reason.value)
             elif isinstance(action, Released):
@@ -271,6 +298,16 @@ class Prober:
             elif isinstance(action, Forgotten):
                 self.metrics.forget(action.key)
                 self._logged.pop(action.key, None)
+
+    def _judged(self, event: Judged) -> None:
+        verdict = event.verdict
+        self.metrics.verdicts.inc(*event.key, "slow" if verdict.slow else "fast")
+        if event.changed:
+            after = event.warmth.state
+            log.info("%s/%s %s: traffic p90 TTFT %.1f s over %d requests (p50 %.1f s, %.1f "
+                     "req/s in %.0f s)", *event.key, after.value if after else "unknown",
+                     verdict.p90_ms / 1000, verdict.samples, verdict.p50_ms / 1000,
+                     verdict.rps, verdict.window_s)
 
     def _show_endpoints(self) -> None:
         for key, tracked in self.scheduler.tracked.items():
@@ -301,6 +338,8 @@ class Prober:
         event = self.scheduler.probe_done(key, result.ttft_ms, loop.time())
         if event is not None:
             self._count(event, result)
+            if result.ttft_ms is not None:
+                self.metrics.endpoint_ttft.observe(result.ttft_ms / 1000, *key, "probe")
             self.metrics.set_endpoint(key, event.warmth)
             if event.changed:
                 after = event.warmth.state
@@ -360,6 +399,32 @@ class Prober:
                 log.info("Envoy admin %s reachable again", admin)
             self.tracker.observe(admin, now, parse_clusters(clusters),
                                  parse_cluster_active(stats))
+            for stat in stats.get("stats", []) or []:
+                if stat.get("name") == DROPPED_STAT:
+                    self.metrics.dropped.set(float(stat.get("value", 0) or 0), admin)
+
+    async def _poll_traffic(self) -> dict[Key, EndpointTraffic]:
+        """Every control plane's window, merged per endpoint (each Envoy streams to one
+        control plane, so nothing counts twice). A control plane that does not answer adds
+        nothing: its Envoys' traffic then shows as none, never as invented."""
+        parts: dict[Key, list[EndpointTraffic]] = {}
+        for url in self.settings.traffic_urls:
+            try:
+                report = await self._get_json(f"{url.rstrip('/')}/traffic")
+                endpoints = traffic_report(report)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                if url not in self._traffic_down:
+                    self._traffic_down.add(url)
+                    log.warning("traffic window at %s unreachable (%s): its Envoys' traffic "
+                                "is not counted", url, exc or type(exc).__name__)
+                continue
+            if url in self._traffic_down:
+                self._traffic_down.discard(url)
+                log.info("traffic window at %s reachable again", url)
+            for key, traffic in endpoints.items():
+                parts.setdefault(key, []).append(traffic)
+        merged = {key: merge(items) for key, items in parts.items()}
+        return {key: traffic for key, traffic in merged.items() if traffic is not None}
 
     # -- etcd -------------------------------------------------------------------------
 
@@ -402,6 +467,20 @@ class Prober:
         except Exception as exc:  # noqa: BLE001 - retried after ORPHAN_RETRY_S
             log.warning("cannot delete status/%s/%s (%s)", *key, exc)
             await self._close_client()
+
+
+def traffic_report(report: Mapping[str, Any]) -> dict[Key, EndpointTraffic]:
+    """A control plane's ``/traffic`` JSON (traffic/service.py ``report``) per endpoint."""
+    endpoints: dict[Key, EndpointTraffic] = {}
+    for item in report.get("endpoints", []):
+        if not item.get("endpoint"):
+            continue  # an address the control plane does not know (yet)
+        endpoints[(str(item["pool"]), str(item["endpoint"]))] = EndpointTraffic(
+            samples=tuple(Sample(float(t), int(b), bool(w)) for t, b, w in item["samples"]),
+            requests=int(item["requests"]), abandoned=int(item["abandoned"]),
+            failures=int(item["failures"]), rps=float(item["rps"]),
+            covered_s=float(item["covered_s"]))
+    return endpoints
 
 
 async def run_prober(settings: ProberSettings) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from control_plane.config.model import is_ip
 from control_plane.runtime.assets import asset_text
+from control_plane.xds.types import ads_api_type
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class XdsClientTls:
     key_file: str
 
 
+DELTA_DEFAULT = False
+
+
 @dataclass(frozen=True)
 class BootstrapSettings:
     node_id: str = "hotpath-envoy"
@@ -27,6 +31,9 @@ class BootstrapSettings:
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901
     xds_tls: XdsClientTls | None = None
+    # ADS flavour: incremental (DELTA_GRPC) or state of the world (GRPC). The control plane
+    # serves both on one port; docs/scale.md has the measurements behind the default.
+    delta: bool = DELTA_DEFAULT
 
 
 # The compose variant: control plane by service name, admin on the compose network only.
@@ -60,6 +67,7 @@ def render_bootstrap(settings: BootstrapSettings) -> str:
     template = string.Template(asset_text("envoy", "bootstrap.yaml.in"))
     return template.substitute(
         xds_transport_socket=_transport_socket(settings.xds_host, settings.xds_tls),
+        ads_api_type=ads_api_type(settings.delta),
         node_id=settings.node_id,
         xds_host=settings.xds_host,
         xds_port=settings.xds_port,

@@ -1,4 +1,5 @@
-"""Envoy's admin API as hotpath reads it: one parser of ``/clusters?format=json``.
+"""Envoy's admin API as hotpath reads it (one parser of ``/clusters?format=json``), and the
+control plane's ``/traffic`` window beside it.
 
 ``parse_clusters`` is pure (admin JSON in, one ``EnvoyHost`` per upstream host out); used by
 `hotpath status`, the prober's traffic tracker, the benchmark and the tests.
@@ -68,5 +69,13 @@ def fetch_hosts(admin_url: str, timeout: float = 2.0) -> list[EnvoyHost] | None:
     """Envoy's own view of every upstream host; None when its admin is unreachable."""
     try:
         return parse_clusters(get_json(f"{admin_url.rstrip('/')}/clusters?format=json", timeout))
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def fetch_traffic(metrics_url: str, timeout: float = 2.0) -> Any:
+    """A control plane's ``/traffic`` window (traffic/service.py); None when unreachable."""
+    try:
+        return get_json(f"{metrics_url.rstrip('/')}/traffic", timeout)
     except (urllib.error.URLError, OSError, ValueError):
         return None

@@ -10,7 +10,8 @@ as integers when whole (``le="1"``, ``3``), else as Python's shortest repr.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -135,9 +136,19 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(line for family in families for line in family.lines()) + "\n"
 
 
+def _json_handler(view: Callable[[], Any]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(_: web.Request) -> web.Response:
+        return web.json_response(view())
+
+    return handle
+
+
 async def serve_metrics(host: str, port: int, families: Callable[[], Iterable[Family]],
-                        healthy: Callable[[], bool]) -> web.AppRunner:
-    """Serve ``/metrics`` and ``/healthz`` (200 when ``healthy()``, else 503) on host:port.
+                        healthy: Callable[[], bool],
+                        json_views: Mapping[str, Callable[[], Any]] | None = None,
+                        ) -> web.AppRunner:
+    """Serve ``/metrics`` and ``/healthz`` (200 when ``healthy()``, else 503) on host:port,
+    and each of ``json_views`` (path -> a function giving a JSON value).
 
     Port 0 picks a free port: ``runner.addresses`` has the one bound.
     """
@@ -153,6 +164,8 @@ async def serve_metrics(host: str, port: int, families: Callable[[], Iterable[Fa
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    for path, view in (json_views or {}).items():
+        app.router.add_get(path, _json_handler(view))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host or "127.0.0.1", port).start()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from control_plane.errors import StartupError
 from control_plane.runtime import processes
-from control_plane.runtime.bootstrap import BootstrapSettings, render_bootstrap
+from control_plane.runtime.bootstrap import DELTA_DEFAULT, BootstrapSettings, render_bootstrap
 from control_plane.runtime.supervisor import Child, ProcessGroup
 from control_plane.store.etcd import (
     EtcdSettings,
@@ -60,6 +60,8 @@ class UpSettings:
     with_sim: bool = True
     with_prober: bool = True
     data_dir: Path = field(default_factory=lambda: Path(".hotpath"))
+    # Envoy's ADS flavour (bootstrap api_type): delta (DELTA_GRPC) or state of the world.
+    delta: bool = DELTA_DEFAULT
 
     def etcd_settings(self) -> EtcdSettings:
         if self.etcd is not None:
@@ -142,12 +144,14 @@ class Stack:
         if s.with_prober:
             self.group.start("prober", python + [
                 "prober", *etcd_args, "--admin", f"http://127.0.0.1:{s.admin_port}",
+                "--traffic", f"http://127.0.0.1:{s.metrics_port}",
                 "--metrics", f"127.0.0.1:{s.prober_metrics_port}"], env=env)
             where.append(("prober", "probing every endpoint, metrics "
                                     f"http://127.0.0.1:{s.prober_metrics_port}/metrics"))
         bootstrap = s.data_dir / "envoy-bootstrap.yaml"
         bootstrap.write_text(render_bootstrap(BootstrapSettings(
-            node_id=f"hotpath-up-{os.getpid()}", xds_port=s.xds_port, admin_port=s.admin_port)))
+            node_id=f"hotpath-up-{os.getpid()}", xds_port=s.xds_port, admin_port=s.admin_port,
+            delta=s.delta)))
         await self.spawn("envoy", processes.envoy_command(bootstrap),
                          lambda: processes.port_open(s.listen_host, s.listen_port), 60,
                          f"listener on {s.listen_host}:{s.listen_port}")

@@ -18,7 +18,7 @@ from etcd3aio import Etcd3Client, prefix_range_end
 from etcd3aio._protobuf import Compare
 
 from control_plane.config.file import ApplyResult, Change, Desired, Stored, plan
-from control_plane.config.model import endpoint_to_json, pool_to_json
+from control_plane.config.model import endpoint_to_json, pool_to_json, split_to_json
 from control_plane.config.state import ConfigState
 from control_plane.errors import ApplyError, ConfigFileError
 from control_plane.store.etcd import Entry, EtcdSettings, etcd_client, feed, list_entries
@@ -33,7 +33,7 @@ async def _read_entries(client: Etcd3Client, settings: EtcdSettings
     control plane's rejection, not something apply can plan for."""
     revision, entries = await list_entries(client, settings)
     return revision, [entry for entry in entries if isinstance(entry.key, str)
-                      and entry.key.startswith(("pools/", "endpoints/"))]
+                      and entry.key.startswith(("pools/", "endpoints/", "splits/"))]
 
 
 async def read_stored(client: Etcd3Client, settings: EtcdSettings
@@ -64,7 +64,8 @@ async def _transact(client: Etcd3Client, settings: EtcdSettings, revision: int,
     guards = [
         Compare(result=Compare.LESS, target=Compare.MOD, key=section.encode(),
                 range_end=prefix_range_end(section), mod_revision=revision + 1)
-        for section in (settings.prefix + "pools/", settings.prefix + "endpoints/")
+        for section in (settings.prefix + "pools/", settings.prefix + "endpoints/",
+                        settings.prefix + "splits/")
     ]
     try:
         reply = await kv.txn(guards, operations, timeout=10)
@@ -130,6 +131,10 @@ async def export_document(settings: EtcdSettings, include_leased: bool = False
     if leased:
         notes.append(f"left out {leased} endpoint(s) held under a lease by `hotpath "
                      "register` (--include-leased adds them)")
-    document = {"pools": {name: pool_to_json(pool) for name, pool in config.pools.items()},
-                "endpoints": endpoints}
+    document: dict[str, Any] = {
+        "pools": {name: pool_to_json(pool) for name, pool in config.pools.items()},
+        "endpoints": endpoints}
+    if config.splits:
+        document["splits"] = {model: split_to_json(split)
+                              for model, split in config.splits.items()}
     return document, revision, notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -11,13 +12,40 @@ from google.protobuf import duration_pb2, wrappers_pb2
 
 from control_plane.config import limits
 from control_plane.config.model import Pool
-from control_plane.translate.warmth import RING_POINTS_PER_WEIGHT, Route, ring_size
+from control_plane.translate.warmth import Route, ring_size
 
-# Ring points per unit of endpoint weight (RING_POINTS_PER_WEIGHT, 1024). The ring's minimum
-# size is the sum of the points of the hosts in the ring (translate/warmth.py), so every host
-# keeps the same points when another host joins, leaves or changes warmth, and only the
-# sessions of that host move.
+log = logging.getLogger("hotpath.translate")
+
+# Ring points per unit of endpoint weight: the pool's ring_points_per_weight. The ring's
+# minimum size is the sum of the points of the hosts in the ring (translate/warmth.py), so
+# every host keeps the same points when another host joins, leaves or changes warmth, and
+# only the sessions of that host move.
+#
+# Envoy's maximum is 8 Mi entries. A pool whose sum is larger (e.g. 8,193 hosts of weight 1
+# at 1024 points, or 33 hosts of weight 128 at 2048) is clamped to it rather than rejected
+# (the sum comes from many endpoint keys, none of them wrong alone): Envoy then scales every
+# host's points by 8 Mi / sum, so a membership change rescales them all and moves a few
+# sessions of hosts that stayed (about |change| / total weight of each host's keys). One
+# warning per pool while it is clamped; lower ring_points_per_weight to get the guarantee
+# back (docs/scale.md).
 MAX_RING_SIZE = limits.RING_SIZE_MAX
+_clamped: set[str] = set()
+
+
+def minimum_ring_size(pool: Pool, routes: Mapping[str, Route]) -> int:
+    """The pool's minimum_ring_size: the sum of its hosts' ring points, at least one
+    weight unit's worth (an empty ring), at most Envoy's maximum (clamped, warned once)."""
+    total = ring_size(routes)
+    if total > MAX_RING_SIZE:
+        if pool.name not in _clamped:
+            _clamped.add(pool.name)
+            log.warning("pools/%s: ring needs %d points (%d per weight unit), over Envoy's "
+                        "maximum %d: clamped, so a host change may move a few sessions of "
+                        "other hosts; lower ring_points_per_weight to keep them in place",
+                        pool.name, total, pool.ring_points_per_weight, MAX_RING_SIZE)
+        return MAX_RING_SIZE
+    _clamped.discard(pool.name)
+    return max(pool.ring_points_per_weight, total)
 
 # Concurrent retries per cluster. Envoy's default of 3 turned 154 of 205 requests into 503s
 # with 30 concurrent sessions on a dead host (measured, Envoy 1.40): every session of a
@@ -77,8 +105,7 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
                 pool.hash_balance_factor
             )
     if pool.lb == "ring_hash":
-        ring = min(MAX_RING_SIZE, max(RING_POINTS_PER_WEIGHT, ring_size(routes)))
-        cluster.ring_hash_lb_config.minimum_ring_size.value = ring
+        cluster.ring_hash_lb_config.minimum_ring_size.value = minimum_ring_size(pool, routes)
         cluster.ring_hash_lb_config.maximum_ring_size.value = MAX_RING_SIZE
         cluster.ring_hash_lb_config.hash_function = (
             cluster_pb2.Cluster.RingHashLbConfig.XX_HASH

@@ -22,11 +22,21 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool, Status, is_ip
+from control_plane.config.model import (
+    Config,
+    Endpoint,
+    GatewaySettings,
+    Pool,
+    Split,
+    SplitSlots,
+    Status,
+    is_ip,
+)
+from control_plane.config.splits import serving_table
 from control_plane.translate.clusters import build_cluster
 from control_plane.translate.endpoints import build_load_assignment
-from control_plane.translate.listeners import build_listener
-from control_plane.translate.routes import build_route_configuration
+from control_plane.translate.listeners import build_listener, build_lua_filter_config
+from control_plane.translate.routes import SplitRoutes, build_route_configuration
 from control_plane.translate.warmth import Route, is_stale, pool_routes, stale_after_s
 from control_plane.xds import types
 
@@ -87,8 +97,13 @@ class Translator:
     def __init__(self) -> None:
         self._pools: dict[str, _PoolEntry] = {}
         self._listener: tuple[GatewaySettings, Message] | None = None
-        self._routes: tuple[tuple[Pool, ...], GatewaySettings, Message] | None = None
+        self._routes: tuple[tuple[Pool, ...], GatewaySettings, tuple[SplitRoutes, ...],
+                            Message] | None = None
+        # (split, stored table, arm pools present) -> serving table, for the splits in force.
+        self._tables: dict[str, tuple[tuple[Split, SplitSlots | None, frozenset[str]],
+                                      str | None]] = {}
         self.rebuilt_pools = 0  # pools translated again, for tests and metrics
+        self.splits: tuple[SplitRoutes, ...] = ()  # as last translated
 
     def next_change(self) -> float:
         """When time alone changes the output (a status goes stale); inf: never."""
@@ -111,18 +126,41 @@ class Translator:
             self._listener = (settings, build_listener(settings))
         listener = self._listener[1]
         pools = tuple(config.pools.values())
+        splits = self.split_routes(config)
         if (self._routes is None or self._routes[1] != settings
                 or len(self._routes[0]) != len(pools)
                 or not all(a is b or a == b for a, b in zip(self._routes[0], pools,
-                                                             strict=True))):
-            self._routes = (pools, settings, build_route_configuration(pools, settings))
-        route_config = self._routes[2]
+                                                             strict=True))
+                or self._routes[2] != splits):
+            self._routes = (pools, settings, splits,
+                            build_route_configuration(pools, settings, splits))
+        route_config = self._routes[3]
         return {
             types.CLUSTER: clusters,
             types.ENDPOINT: assignments,
             types.LISTENER: {getattr(listener, "name", ""): listener},
+            # The Lua filter's config: ECDS, so a new filter never replaces the listener.
+            types.EXTENSION_CONFIG: {(lua := build_lua_filter_config(settings)).name: lua},
             types.ROUTE: {getattr(route_config, "name", ""): route_config},
         }
+
+    def split_routes(self, config: Config) -> tuple[SplitRoutes, ...]:
+        """Every split in force with its serving table (config/splits.py), memoized."""
+        result = []
+        tables = {}
+        for model, split in config.splits.items():
+            present = frozenset(pool for pool in split.pools if pool in config.pools)
+            key = (split, config.split_slots.get(model), present)
+            cached = self._tables.get(model)
+            if cached is not None and cached[0] == key:
+                table = cached[1]
+            else:
+                table = serving_table(split, key[1], present)
+            tables[model] = (key, table)
+            result.append(SplitRoutes(split, table, {p: config.pools[p] for p in sorted(present)}))
+        self._tables = tables
+        self.splits = tuple(result)
+        return self.splits
 
     def _pool(self, pool: Pool, endpoints: Mapping[str, Endpoint],
               statuses: Mapping[str, Status], resolve: Resolve, now: float,

@@ -14,7 +14,8 @@ check their own match. (Envoy rejects a virtual host with both ``matcher`` and `
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -29,8 +30,9 @@ from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from control_plane.config import limits
-from control_plane.config.model import GatewaySettings, Pool
+from control_plane.config.model import GatewaySettings, Pool, Split
 from control_plane.contract import (
+    DEFAULT_SESSION_HEADER,
     LUA_METADATA_NS,
     MODEL_HEADER,
     MODELS_PATH,
@@ -99,9 +101,63 @@ def _route_metadata(pool: Pool) -> base_pb2.Metadata:
     return metadata
 
 
-def _models_route(pools: list[Pool]) -> route_components_pb2.Route:
-    """GET /v1/models, answered by Envoy from the current pools."""
-    models = sorted((model, pool.name) for pool in pools for model in pool.models)
+# The route key of a split's arm (x-hotpath-model as the Lua filter sets it for that arm):
+# model names hold no control characters, so the tab cannot collide (lua/hotpath.lua).
+ARM_SEPARATOR = "\t"
+# /v1/models' owned_by for a split's model.
+SPLIT_OWNER = "hotpath-split"
+
+
+@dataclass(frozen=True)
+class SplitRoutes:
+    """A split as routed now: ``table`` is the serving slot table (None: no arm left, the
+    model answers 503) and ``pools`` the arm pools that exist."""
+
+    split: Split
+    table: str | None
+    pools: Mapping[str, Pool]
+
+
+def arm_route_key(model: str, arm: int) -> str:
+    return f"{model}{ARM_SEPARATOR}{arm}"
+
+
+def _split_metadata(split: SplitRoutes) -> base_pb2.Metadata:
+    """What the Lua filter reads on a split's route: the slot table, every arm's pool and
+    served model, and the session headers (the first existing arm's pool's)."""
+    first = next((split.pools[arm.pool] for arm in split.split.arms if arm.pool in split.pools),
+                 None)
+    headers = list(first.session_headers) if first is not None else [DEFAULT_SESSION_HEADER]
+    metadata = base_pb2.Metadata()
+    metadata.filter_metadata[LUA_METADATA_NS].update({
+        "split": split.split.model,
+        "slots": split.table or "",
+        "arm_pools": list(split.split.pools),
+        "served_models": [arm.served_model for arm in split.split.arms],
+        "session_header": headers[0],
+        "session_headers": headers,
+    })
+    return metadata
+
+
+def _split_route(split: SplitRoutes) -> route_components_pb2.Route:
+    """The split model's own route: only its metadata is used (the filter then reroutes to
+    an arm); reached without that, it answers 503."""
+    return route_components_pb2.Route(
+        name=f"split/{split.split.model}",
+        metadata=_split_metadata(split),
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(
+            status=503, body=base_pb2.DataSource(
+                inline_string=f"no arm of the split serving {split.split.model} is left")),
+    )
+
+
+def _models_route(pools: list[Pool], splits: Sequence[SplitRoutes] = ()
+                  ) -> route_components_pb2.Route:
+    """GET /v1/models, answered by Envoy from the current pools and splits."""
+    models = sorted([(model, pool.name) for pool in pools for model in pool.models]
+                    + [(split.split.model, SPLIT_OWNER) for split in splits])
     body = json.dumps({"object": "list", "data": [
         {"id": model, "object": "model", "created": 0, "owned_by": pool}
         for model, pool in models]}, separators=(",", ":"))
@@ -120,9 +176,10 @@ def _models_route(pools: list[Pool]) -> route_components_pb2.Route:
     )
 
 
-def _model_route(model: str, pool: Pool, settings: GatewaySettings) -> route_components_pb2.Route:
+def _model_route(model: str, pool: Pool, settings: GatewaySettings,
+                 name: str | None = None) -> route_components_pb2.Route:
     return route_components_pb2.Route(
-        name=f"{pool.name}/{model}",
+        name=name or f"{pool.name}/{model}",
         metadata=_route_metadata(pool),
         # The matcher tree already picked this route by x-hotpath-model.
         match=route_components_pb2.RouteMatch(prefix="/"),
@@ -154,7 +211,8 @@ def _not_found(name: str, match: route_components_pb2.RouteMatch, message: str
 
 
 def _model_matcher(pools: list[Pool], settings: GatewaySettings,
-                   fallback: list[route_components_pb2.Route]) -> matcher_pb2.Matcher:
+                   fallback: list[route_components_pb2.Route],
+                   splits: Sequence[SplitRoutes] = ()) -> matcher_pb2.Matcher:
     """x-hotpath-model -> that model's route (exact match); anything else -> ``fallback``."""
     tree = matcher_pb2.Matcher.MatcherTree(
         input=extension_pb2.TypedExtensionConfig(
@@ -164,11 +222,20 @@ def _model_matcher(pools: list[Pool], settings: GatewaySettings,
         ),
         exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(),
     )
+    routes: dict[str, route_components_pb2.Route] = {}
     for pool in pools:
         for model in pool.models:
-            tree.exact_match_map.map[model].CopyFrom(matcher_pb2.Matcher.OnMatch(
-                action=extension_pb2.TypedExtensionConfig(
-                    name="route", typed_config=_any(_model_route(model, pool, settings)))))
+            routes[model] = _model_route(model, pool, settings)
+    for split in splits:
+        routes[split.split.model] = _split_route(split)
+        for index, arm in enumerate(split.split.arms):
+            if arm.pool in split.pools:
+                key = arm_route_key(split.split.model, index)
+                routes[key] = _model_route(key, split.pools[arm.pool], settings,
+                                           name=f"split/{split.split.model}/{index}/{arm.pool}")
+    for key, route in routes.items():
+        tree.exact_match_map.map[key].CopyFrom(matcher_pb2.Matcher.OnMatch(
+            action=extension_pb2.TypedExtensionConfig(name="route", typed_config=_any(route))))
     return matcher_pb2.Matcher(
         matcher_tree=tree,
         on_no_match=matcher_pb2.Matcher.OnMatch(
@@ -190,11 +257,12 @@ def _direct_response_limit(routes: Iterable[route_components_pb2.Route]) -> int:
 
 
 def build_route_configuration(
-    pools: Iterable[Pool], settings: GatewaySettings
+    pools: Iterable[Pool], settings: GatewaySettings, splits: Iterable[SplitRoutes] = ()
 ) -> route_pb2.RouteConfiguration:
     ordered = sorted(pools, key=lambda p: p.name)
+    split_list = sorted(splits, key=lambda s: s.split.model)
     fallback = [
-        _models_route(ordered),
+        _models_route(ordered, split_list),
         # A model the routes do not know yet (Lua and RDS update separately): 404, not a hang.
         _not_found(
             "unknown-model",
@@ -211,8 +279,8 @@ def build_route_configuration(
     ]
     vhost = route_components_pb2.VirtualHost(name="hotpath", domains=["*"],
                                              retry_policy=_retry_policy())
-    if any(pool.models for pool in ordered):
-        vhost.matcher.CopyFrom(_model_matcher(ordered, settings, fallback))
+    if any(pool.models for pool in ordered) or split_list:
+        vhost.matcher.CopyFrom(_model_matcher(ordered, settings, fallback, split_list))
     else:
         # Envoy refuses an empty exact_match_map ("value must contain at least 1 pair(s)"):
         # with no model at all the fallback routes are the virtual host's plain routes.

@@ -17,11 +17,20 @@ measuring Envoy 1.40 (docs/prober.md has the numbers):
   its ring does not change.
 - A missing or stale status counts as warm: losing the prober never blackholes a pool.
 
-Ring points: a warm host of configured weight ``w`` always has ``1024 w`` points, so when
-one host changes only that host's sessions move. Envoy gives a host ``min_ring_size x
-weight / total weight`` points, so the cluster's minimum ring size must be the sum of the
-``ring_points`` of the hosts in the ring (``ring_size``); the EDS weights are scaled by
-``SPILL_SCALE`` only while some cold host takes spill.
+Ring points: a warm host of configured weight ``w`` always has ``P w`` points, ``P`` being
+the pool's ``ring_points_per_weight`` (a constant of the pool), so when one host changes only
+that host's sessions move. Envoy gives a host ``min_ring_size x weight / total weight``
+points, so the cluster's minimum ring size must be the sum of the ``ring_points`` of the
+hosts in the ring (``ring_size``): every host then gets exactly its ``ring_points``.
+
+While some cold host takes spill, EDS weights are ``w x SPILL_SCALE`` (16) for warm hosts
+and ``w x c`` for cold ones (``c`` in 1..16), and a host's points are ``P x c / 16 x w``
+(warm: ``c = 16``, i.e. ``P w`` again). For that to be a whole number of points for any
+``w``, ``P x c`` must be a multiple of 16: ``c`` is rounded *up* to a multiple of
+``spill_step(P) = 16 / gcd(P, 16)`` (1 when P is a multiple of 16, as the default is; 16
+when P is odd, so such a pool has no reduced cold weight: cold hosts spill at full weight).
+Rounding up gives cold hosts a little more of the ring, so the warm share still stays
+within the bounded-load factor.
 """
 
 from __future__ import annotations
@@ -39,11 +48,15 @@ from control_plane.config.model import Endpoint, Pool, Status, WarmState
 # prober must never blackhole a pool.
 STALE_INTERVALS = 3
 STALE_FLOOR_S = 30.0
+# The prober rewrites an unchanged status half-way to going stale (prober/state.py), so N
+# endpoints cost N / (stale_after / 2) etcd writes per second in steady state: 667/s for
+# 10,000 endpoints at the default 10 s interval. With the fleet's endpoint count given,
+# stale_after grows so that those refreshes stay within this budget (docs/scale.md).
+STATUS_WRITE_BUDGET_PER_S = 50.0
 
-# Ring points per unit of configured weight of a host in the ring at full (warm) weight.
-RING_POINTS_PER_WEIGHT = 1024
 # While cold hosts take spill, EDS weights are configured weight x this for warm hosts and
-# configured weight x 1..this for cold ones; one EDS weight unit is then 1024/16 ring points.
+# configured weight x 1..this for cold ones; one EDS weight unit is then P/16 ring points
+# (P: the pool's ring_points_per_weight; see spill_step for P not a multiple of 16).
 SPILL_SCALE = 16
 # The bounded-load factor that defines "room" on warm hosts when the pool has none set.
 DEFAULT_CAPACITY_FACTOR = Fraction(3, 2)
@@ -53,18 +66,29 @@ DEGRADED = health_check_pb2.DEGRADED
 UNHEALTHY = health_check_pb2.UNHEALTHY
 
 
-def stale_after_s(interval_s: float) -> float:
-    """Age at which a status no longer counts (it is then treated as warm)."""
-    return max(STALE_FLOOR_S, STALE_INTERVALS * interval_s)
+def stale_after_s(interval_s: float, endpoints: int = 0) -> float:
+    """Age at which a status no longer counts (it is then treated as warm).
+
+    ``endpoints``: the number of endpoints the prober tracks (every endpoint of an existing
+    pool, fleet-wide). Past ``STATUS_WRITE_BUDGET_PER_S x max(30 s, 3 intervals) / 2``
+    endpoints (750 at the 10 s default) the bound grows to ``2 N / budget``, so the
+    refreshes (every ``stale_after / 2``) stay at the budget: 400 s for 10,000 endpoints.
+    0 (the default) is the fixed ``max(30 s, 3 intervals)``. The prober's refresh rule and
+    every reader of staleness must pass the same count, or records refreshed on the longer
+    period go stale early on the shorter one.
+    """
+    fixed = max(STALE_FLOOR_S, STALE_INTERVALS * interval_s)
+    return max(fixed, 2 * endpoints / STATUS_WRITE_BUDGET_PER_S)
 
 
-def is_stale(status: Status, interval_s: float, now: float) -> bool:
-    return now - status.checked_at > stale_after_s(interval_s)
+def is_stale(status: Status, interval_s: float, now: float, endpoints: int = 0) -> bool:
+    return now - status.checked_at > stale_after_s(interval_s, endpoints)
 
 
-def effective_state(status: Status | None, interval_s: float, now: float) -> WarmState:
+def effective_state(status: Status | None, interval_s: float, now: float,
+                    endpoints: int = 0) -> WarmState:
     """The state routing acts on: missing or stale statuses count as warm."""
-    if status is None or is_stale(status, interval_s, now):
+    if status is None or is_stale(status, interval_s, now, endpoints):
         return WarmState.WARM
     return status.state
 
@@ -90,34 +114,45 @@ def capacity_factor(pool: Pool) -> Fraction:
     return DEFAULT_CAPACITY_FACTOR
 
 
-def cold_spill_scale(warm_weight: int, cold_weight: int, factor: Fraction) -> int | None:
+def spill_step(points_per_weight: int) -> int:
+    """The granularity of a cold host's spill scale: ``points_per_weight x scale`` must be
+    a multiple of SPILL_SCALE so that every host's ring points are whole."""
+    return SPILL_SCALE // math.gcd(points_per_weight, SPILL_SCALE)
+
+
+def cold_spill_scale(warm_weight: int, cold_weight: int, factor: Fraction,
+                     step: int = 1) -> int | None:
     """EDS weight per configured weight unit of a cold host (warm hosts have SPILL_SCALE).
 
     None when the warm hosts can carry the whole pool within ``factor`` of their fair share:
-    cold hosts then leave the ring. Otherwise the smallest scale that keeps the warm share of
-    the ring at most ``factor x warm_weight / total``, in 1..SPILL_SCALE.
+    cold hosts then leave the ring. Otherwise the smallest multiple of ``step`` (which
+    divides SPILL_SCALE) that keeps the warm share of the ring at most ``factor x
+    warm_weight / total``, in step..SPILL_SCALE.
     """
     total = warm_weight + cold_weight
     if warm_weight == 0 or cold_weight == 0 or factor * warm_weight >= total:
         return None
     # warm share K*Ww / (K*Ww + c*Wc) <= f*Ww/W  <=>  c >= K * (W - f*Ww) / (f*Wc)
     exact = Fraction(SPILL_SCALE) * (total - factor * warm_weight) / (factor * cold_weight)
-    return max(1, min(SPILL_SCALE, math.ceil(exact)))
+    return max(step, min(SPILL_SCALE, math.ceil(exact / step) * step))
 
 
 def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping[str, Status],
-                now: float) -> dict[str, Route]:
-    """One Route per endpoint of ``endpoints`` (pass those that will be in EDS)."""
+                now: float, fleet_endpoints: int = 0) -> dict[str, Route]:
+    """One Route per endpoint of ``endpoints`` (pass those that will be in EDS);
+    ``fleet_endpoints`` as for ``stale_after_s``."""
     interval = pool.warmup.interval_s
-    states = {eid: effective_state(statuses.get(eid), interval, now) for eid in endpoints}
+    states = {eid: effective_state(statuses.get(eid), interval, now, fleet_endpoints)
+              for eid in endpoints}
     warm = sum(e.weight for eid, e in endpoints.items() if states[eid] is WarmState.WARM)
     cold = sum(e.weight for eid, e in endpoints.items() if states[eid] is WarmState.COLD)
     factor = capacity_factor(pool)
-    spill = cold_spill_scale(warm, cold, factor)
+    per_weight = pool.ring_points_per_weight
+    spill = cold_spill_scale(warm, cold, factor, spill_step(per_weight))
     routes: dict[str, Route] = {}
     for eid, endpoint in endpoints.items():
         state = states[eid]
-        full_points = RING_POINTS_PER_WEIGHT * endpoint.weight
+        full_points = per_weight * endpoint.weight
         if state is WarmState.DOWN:
             routes[eid] = Route(state, UNHEALTHY, endpoint.weight, 0)
         elif state is WarmState.COLD and warm and spill is None:
@@ -127,7 +162,8 @@ def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping
             routes[eid] = Route(state, HEALTHY, endpoint.weight, full_points)
         else:
             scale = SPILL_SCALE if state is WarmState.WARM else spill
-            points = RING_POINTS_PER_WEIGHT // SPILL_SCALE * scale * endpoint.weight
+            # Whole: per_weight x scale is a multiple of SPILL_SCALE (spill_step).
+            points = per_weight * scale // SPILL_SCALE * endpoint.weight
             routes[eid] = Route(state, HEALTHY, scale * endpoint.weight, points)
     return routes
 

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from control_plane.config import limits
 from tests.harness import Stack, Upstreams, async_wait_for, chat, wait_for
 
 pytestmark = pytest.mark.integration
@@ -157,12 +158,13 @@ async def test_a_dead_host_moves_no_survivor_sessions(stack: Stack,
              for section in ring["configs"] if section["@type"].endswith("ClustersConfigDump")
              for c in section.get("dynamic_active_clusters", [])
              if c["cluster"]["name"] == "gpu"]
-    assert rings == ["2048"], rings
+    points = limits.RING_POINTS_PER_WEIGHT_DEFAULT
+    assert rings == [str(2 * points)], rings  # the ring shrank by the dead host's points
     assert not any(rejected_updates(stack).values())
     print(f"\ndead host: {SESSIONS} sessions ({dict(sorted(counts.items()))}); host {dead} "
           f"killed: {len(orphans)} of its sessions retried to "
           f"{dict(Counter(retried[k] for k in orphans))}, 0/{len(survivors)} survivors moved, "
           f"0 failures ({SESSIONS} requests in {retried_s:.2f} s at concurrency "
           f"{CONCURRENCY}); marked down: 0 survivors moved, 0 of its sessions moved again "
-          "(minimum ring 3072 -> 2048)")
+          f"(minimum ring {3 * points} -> {2 * points})")
 

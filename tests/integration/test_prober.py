@@ -11,12 +11,9 @@ import asyncio
 import contextlib
 import json
 import math
-import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -24,11 +21,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from control_plane.runtime import processes
 from control_plane.runtime.envoy_admin import parse_clusters
 from control_plane.store.etcd import etcd_client, list_prefix
 from tests import harness
-from tests.harness import Stack, async_wait_for, wait_for
+from tests.harness import ProberProcess, Stack, async_wait_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,54 +125,6 @@ async def wait_probed_after_traffic(server: ModelServer, timeout: float = 10) ->
 
 
 # --- the stack ------------------------------------------------------------------------------
-
-
-class ProberProcess:
-    def __init__(self, stack: Stack, name: str, *extra: str) -> None:
-        self.metrics_port = processes.free_port()
-        self.log = stack.tmp / f"{name}.log"
-        self.command = [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd.urls,
-                        "--prefix", stack.etcd.prefix, "--admin", stack.envoy.admin_url,
-                        "--metrics", f"127.0.0.1:{self.metrics_port}", "--leader-ttl", "2",
-                        *extra]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ProberProcess:
-        self.process = harness.start(self.command, self.log)
-        wait_for(lambda: processes.port_open("127.0.0.1", self.metrics_port), 30,
-                 "prober metrics port")
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        """Stops the process; its exit code."""
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        harness.stop(process, sig)
-        return process.returncode
-
-    def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        total = 0.0
-        for sample, value in self.metrics().items():
-            base, _, rest = sample.partition("{")
-            if base != name:
-                continue
-            found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-            if labels.items() <= found.items():
-                total += value
-        return total
 
 
 @contextlib.contextmanager

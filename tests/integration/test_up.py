@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 
 from control_plane.runtime import processes
+from control_plane.store.etcd import EtcdSettings, etcd_client, put_json
 from tests.harness import REPO, wait_for
+from tests.integration.test_faults_load import Load, routable
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +233,70 @@ def test_up_killed_with_sigkill_leaves_no_orphan(tmp_path: Path) -> None:
         for pid in children:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def up_state(data_dir: Path) -> dict[str, Any]:
+    state = json.loads((data_dir / "up.json").read_text())
+    assert isinstance(state, dict)
+    return state
+
+
+async def test_up_restarts_a_sigkilled_control_plane_and_loses_no_request(
+        tmp_path: Path, upstreams: Any) -> None:
+    data = tmp_path / "data"
+    running = await asyncio.to_thread(start_up, tmp_path, "--no-sim", "--no-prober",
+                                      "--data-dir", str(data))
+    try:
+        settings = EtcdSettings(urls=running.etcd, prefix="/hotpath/")
+        async with etcd_client(settings) as client:
+            await put_json(client, settings, "pools/sup", {"models": ["sup-model"]})
+            for name in ("u0", "u1", "u2"):
+                port = await upstreams.add(name)
+                await put_json(client, settings, f"endpoints/sup/{name}",
+                               {"address": "127.0.0.1", "port": port})
+        await routable(running.url, "sup-model", 60)
+        before = up_state(data)["children"]["control-plane"]
+        assert before["running"] and before["restarts"] == 0, before
+
+        load = Load(running.url, "sup-model", clients=4).begin()
+        try:
+            await load.progressed(20)
+            os.kill(before["pid"], signal.SIGKILL)
+            killed = time.monotonic()
+
+            def restarted() -> dict[str, Any] | None:
+                child = up_state(data)["children"]["control-plane"]
+                return child if (child["restarts"] == 1 and child["running"]
+                                 and child["pid"] != before["pid"]) else None
+
+            after = await asyncio.to_thread(wait_for, restarted, 30,
+                                            "up.json to show the restarted control plane")
+            back = time.monotonic() - killed
+            # The restarted control plane serves a change made after it came back.
+            async with etcd_client(settings) as client:
+                await put_json(client, settings, "pools/sup", {"models": ["sup-model",
+                                                                          "sup-new"]})
+            await routable(running.url, "sup-new", 30)
+            await load.progressed(20)
+        finally:
+            await load.end()
+        assert load.failed == 0, f"{load.failed}/{load.sent} failed: {load.errors}"
+        assert alive(after["pid"]) and not alive(before["pid"])
+        assert after["pid"] in children_of(running.process.pid)
+
+        admin = f"http://127.0.0.1:{running.ports['admin']}"
+        table = await asyncio.to_thread(running.cli, "status", "--data-dir", str(data),
+                                        "--admin", admin)
+        assert table.returncode == 0, table.stderr
+        assert "control-plane running (1 restarts)" in table.stdout, table.stdout
+        as_json = await asyncio.to_thread(running.cli, "status", "--data-dir", str(data),
+                                          "--admin", admin, "--json")
+        children = json.loads(as_json.stdout)["up"]["children"]
+        assert children["control-plane"]["restarts"] == 1
+        assert children["envoy"]["restarts"] == 0 and children["etcd"]["restarts"] == 0
+        assert "control-plane exited with code" in running.output()
+        print(f"\nhotpath up: control plane SIGKILLed under 4 clients, {load.failed}/"
+              f"{load.sent} requests failed; up.json showed it restarted (pid "
+              f"{before['pid']} -> {after['pid']}) {back:.2f} s after the kill")
+    finally:
+        assert await asyncio.to_thread(stop_up, running) == 0

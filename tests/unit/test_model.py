@@ -78,6 +78,7 @@ def test_pool_defaults_applied() -> None:
     assert parsed.lb == "ring_hash"
     assert parsed.session_headers == ("x-session-id",)
     assert parsed.hash_balance_factor == 150
+    assert parsed.ring_points_per_weight == 128
     assert parsed.warmup == Warmup()
     assert parsed.warmup.path == "/v1/chat/completions"
     assert parsed.warmup.body is None
@@ -101,10 +102,11 @@ def test_pool_all_fields_set() -> None:
         "hash_balance_factor": 0,
         "warmup": {"path": "/v1/completions", "body": {"prompt": "hi"}, "interval_s": 1,
                    "timeout_s": 2.5, "cold_ttft_ms": 500},
+        "ring_points_per_weight": 64,
     })
     assert parsed == Pool(
         name="chat", models=("a", "b"), lb="maglev", session_headers=("x-conversation",),
-        hash_balance_factor=0,
+        hash_balance_factor=0, ring_points_per_weight=64,
         warmup=Warmup(path="/v1/completions", body={"prompt": "hi"}, interval_s=1.0,
                       timeout_s=2.5, cold_ttft_ms=500.0),
     )
@@ -118,6 +120,28 @@ def test_every_lb_policy_accepted(lb: str) -> None:
 @pytest.mark.parametrize("factor", [0, 100, 150, 1000])
 def test_hash_balance_factor_accepted(factor: int) -> None:
     assert pool({"models": ["m"], "hash_balance_factor": factor}).hash_balance_factor == factor
+
+
+@pytest.mark.parametrize("points", [1, 3, 16, 100, 128, 1024, 4096])
+def test_ring_points_per_weight_accepted(points: int) -> None:
+    parsed = pool({"models": ["m"], "ring_points_per_weight": points})
+    assert parsed.ring_points_per_weight == points
+
+
+@pytest.mark.parametrize(("points", "message"), [
+    (0, "ring_points_per_weight must be >= 1, got 0"),
+    (-5, "ring_points_per_weight must be >= 1, got -5"),
+    (4097, "ring_points_per_weight must be <= 4096, got 4097"),
+    (2**40, f"ring_points_per_weight must be <= 4096, got {2**40}"),
+    (128.0, "ring_points_per_weight must be an integer, got 128.0"),
+    (128.5, "ring_points_per_weight must be an integer, got 128.5"),
+    ("128", 'ring_points_per_weight must be an integer, got "128"'),
+    (True, "ring_points_per_weight must be an integer, got true"),
+    (None, "ring_points_per_weight must be an integer, got null"),
+])
+def test_ring_points_per_weight_rejected_naming_key_and_field(points: Any, message: str) -> None:
+    assert pool_error({"models": ["m"], "ring_points_per_weight": points}) == (
+        f"pools/chat: {message}")
 
 
 def test_endpoint_defaults_applied() -> None:
@@ -232,7 +256,8 @@ def test_pool_validation_messages(value: Any, message: str) -> None:
 def test_pool_unknown_fields_named() -> None:
     assert pool_error({"models": ["m"], "modles": 1, "hash_balance": 2}) == (
         "pools/chat: unknown field(s) hash_balance, modles "
-        "(allowed: models, lb, session_header, session_headers, hash_balance_factor, warmup)"
+        "(allowed: models, lb, session_header, session_headers, hash_balance_factor, warmup, "
+        "ring_points_per_weight, session_ttl_s)"
     )
 
 
@@ -459,6 +484,11 @@ def test_pool_to_json_leaves_defaults_out() -> None:
              warmup=Warmup(interval_s=2.0))
     ) == {"models": ["a"], "lb": "maglev", "hash_balance_factor": 0,
           "warmup": {"interval_s": 2.0}}
+    assert pool_to_json(Pool(name="chat", models=("a",), ring_points_per_weight=128)) == {
+        "models": ["a"]}  # the default is left out: a later default change applies
+    value = pool_to_json(Pool(name="chat", models=("a",), ring_points_per_weight=32))
+    assert value == {"models": ["a"], "ring_points_per_weight": 32}
+    assert parse_pool("pools/chat", "chat", json.dumps(value)).ring_points_per_weight == 32
 
 
 def test_endpoint_to_json_leaves_default_weight_out() -> None:
@@ -489,6 +519,7 @@ _pools = st.builds(
                              min_size=1, max_size=3, unique=True).map(tuple),
     hash_balance_factor=st.sampled_from([0, 100, 150, 250]),
     warmup=_warmups,
+    ring_points_per_weight=st.integers(1, 4096),
 )
 
 

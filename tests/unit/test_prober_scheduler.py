@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from control_plane.config.model import Config, Endpoint, Pool, Status, WarmState, Warmup
+from control_plane.config.model import Config, Endpoint, Pool, Source, Status, WarmState, Warmup
 from control_plane.prober import scheduler as scheduler_module
 from control_plane.prober.probe import warmup_body
 from control_plane.prober.scheduler import (
@@ -207,7 +207,8 @@ def test_a_fast_first_probe_makes_it_warm_and_writes_once() -> None:
     [probed] = of(actions, Probed)
     assert probed.outcome is Outcome.FAST and probed.before is None and probed.changed
     assert of(actions, WriteStatus) == [
-        WriteStatus(A, Status(P, "a", WarmState.WARM, FAST, round(d.now, 3)))]
+        WriteStatus(A, Status(P, "a", WarmState.WARM, FAST, round(d.now, 3),
+                              source=Source.PROBE))]
     assert d.scheduler.tracked[A].next_due == pytest.approx(d.t + INTERVAL)
     # Fast again and again: nothing changed, nothing written.
     actions = d.run(5 * INTERVAL)

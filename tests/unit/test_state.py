@@ -200,8 +200,8 @@ def test_unknown_key_shapes_rejected(key: str) -> None:
     rejection = state.apply(key, POOL_A)
     assert rejection == Rejection(
         key=key,
-        message=f"{key}: unknown key (expected pools/<pool>, endpoints/<pool>/<id> or "
-        "status/<pool>/<id>)",
+        message=f"{key}: unknown key (expected pools/<pool>, endpoints/<pool>/<id>, "
+        "status/<pool>/<id>, splits/<model> or split-slots/<model>)",
     )
     assert state.config() == Config()
 

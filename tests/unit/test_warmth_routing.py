@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from control_plane.config.model import Endpoint, Pool, Status, WarmState, Warmup
 from control_plane.translate.warmth import (
     DEFAULT_CAPACITY_FACTOR,
-    RING_POINTS_PER_WEIGHT,
     SPILL_SCALE,
+    STATUS_WRITE_BUDGET_PER_S,
     Route,
     capacity_factor,
     cold_spill_scale,
@@ -22,6 +22,8 @@ from control_plane.translate.warmth import (
     is_stale,
     pool_routes,
     ring_size,
+    spill_step,
+    stale_after_s,
 )
 from tests.unit.builders import build_cluster, build_load_assignment
 
@@ -29,7 +31,10 @@ HEALTHY, DEGRADED, UNHEALTHY = (health_check_pb2.HEALTHY, health_check_pb2.DEGRA
                                 health_check_pb2.UNHEALTHY)
 WARM, COLD, DOWN = WarmState.WARM, WarmState.COLD, WarmState.DOWN
 NOW = 1_700_000_000.0
-POOL = Pool(name="p", models=("m",))
+# The figures below are for 1024 points per weight (the pre-1.1 constant); the default and
+# other values are covered by the properties and the ring_points_per_weight tests.
+P = 1024
+POOL = Pool(name="p", models=("m",), ring_points_per_weight=P)
 
 
 def endpoints(*weights: int) -> dict[str, Endpoint]:
@@ -53,7 +58,7 @@ def envoy_points(routes: dict[str, Route]) -> dict[str, Fraction]:
     ring = {k: r for k, r in routes.items() if r.health == HEALTHY}
     total = sum(r.weight for r in ring.values())
     min_norm = Fraction(min(r.weight for r in ring.values()), total)
-    scale = math.ceil(min_norm * max(1024, ring_size(routes))) / min_norm
+    scale = math.ceil(min_norm * ring_size(routes)) / min_norm
     return {k: scale * Fraction(r.weight, total) for k, r in ring.items()}
 
 
@@ -118,10 +123,10 @@ def test_down_and_cold_only_still_serves_on_the_cold() -> None:
 
 
 def test_balance_factor_sets_the_warm_room() -> None:
-    loose = Pool(name="p", models=("m",), hash_balance_factor=200)
+    loose = Pool(name="p", models=("m",), hash_balance_factor=200, ring_points_per_weight=P)
     r = routes([WARM, COLD, COLD], pool=loose)
     assert r["e1"].weight == 4  # warm share 16 / 24 = 2/3 = 2 x its fair third
-    off = Pool(name="p", models=("m",), hash_balance_factor=0)
+    off = Pool(name="p", models=("m",), hash_balance_factor=0, ring_points_per_weight=P)
     assert capacity_factor(off) == DEFAULT_CAPACITY_FACTOR
     assert routes([WARM, COLD, COLD], pool=off) == routes([WARM, COLD, COLD])
 
@@ -154,12 +159,16 @@ def test_cold_spill_scale(warm: int, cold: int, factor: Fraction, scale: int | N
 state_lists = st.lists(st.sampled_from([WARM, COLD, DOWN, None]), min_size=1, max_size=8)
 
 
-@given(state_lists, st.data(), st.sampled_from([0, 100, 125, 150, 200, 400]))
+POINTS = st.sampled_from([1, 3, 4, 8, 12, 16, 24, 100, 256, 1000, 1024, 4096])
+
+
+@given(state_lists, st.data(), st.sampled_from([0, 100, 125, 150, 200, 400]), POINTS)
 def test_routing_properties(states: list[WarmState | None], data: st.DataObject,
-                            factor: int) -> None:
+                            factor: int, per_weight: int) -> None:
     weights = data.draw(st.lists(st.integers(1, 128), min_size=len(states),
                                  max_size=len(states)))
-    pool = Pool(name="p", models=("m",), hash_balance_factor=factor)
+    pool = Pool(name="p", models=("m",), hash_balance_factor=factor,
+                ring_points_per_weight=per_weight)
     r = routes(states, weights, pool)
     eff = [WARM if s is None else s for s in states]
     up = [i for i, s in enumerate(eff) if s is not DOWN]
@@ -172,8 +181,8 @@ def test_routing_properties(states: list[WarmState | None], data: st.DataObject,
         assert (route.health == UNHEALTHY) is (s is DOWN)
         assert (route.health == DEGRADED) is (s is COLD and warm_w > 0 and f * warm_w >= total)
         if s is WARM or (s is COLD and warm_w == 0):
-            # Every host at full weight keeps exactly 1024 points per configured weight.
-            assert route.ring_points == RING_POINTS_PER_WEIGHT * weights[i]
+            # Every host at full weight keeps exactly P points per configured weight.
+            assert route.ring_points == per_weight * weights[i]
     if up:
         assert any(x.in_ring for x in r.values()), "never blackhole a pool with a live host"
         in_ring = {k: x for k, x in r.items() if x.in_ring}
@@ -184,16 +193,62 @@ def test_routing_properties(states: list[WarmState | None], data: st.DataObject,
             assert Fraction(ring_warm, ring_size(r)) <= f * Fraction(warm_w, total)
             assert all(1 <= x.weight // weights[int(k[1:])] <= SPILL_SCALE
                        for k, x in in_ring.items())
+            # Whole points, exactly weight x P x (spill scale / 16).
+            assert all(x.ring_points * SPILL_SCALE == per_weight * x.weight
+                       for x in in_ring.values())
 
 
-@given(state_lists, state_lists)
+@given(state_lists, state_lists, POINTS)
 def test_only_changed_hosts_change_points(before: list[WarmState | None],
-                                          after: list[WarmState | None]) -> None:
+                                          after: list[WarmState | None],
+                                          per_weight: int) -> None:
     n = min(len(before), len(after))
-    a, b = routes(before[:n]), routes(after[:n])
+    pool = Pool(name="p", models=("m",), ring_points_per_weight=per_weight)
+    a, b = routes(before[:n], pool=pool), routes(after[:n], pool=pool)
     for i in range(n):
         if a[f"e{i}"].state is WARM and b[f"e{i}"].state is WARM:
-            assert a[f"e{i}"].ring_points == b[f"e{i}"].ring_points == 1024
+            assert a[f"e{i}"].ring_points == b[f"e{i}"].ring_points == per_weight
+
+
+# --- ring_points_per_weight ---------------------------------------------------------------
+
+
+def test_default_points_per_weight_is_the_documented_one() -> None:
+    from control_plane.config import limits
+
+    assert Pool(name="p", models=("m",)).ring_points_per_weight == 128
+    assert limits.RING_POINTS_PER_WEIGHT_DEFAULT == 128
+    r = pool_routes(Pool(name="p", models=("m",)), endpoints(1, 2), {}, NOW)
+    assert [x.ring_points for x in r.values()] == [128, 256]
+
+
+@pytest.mark.parametrize(("per_weight", "step"), [
+    (1024, 1), (256, 1), (16, 1), (8, 2), (12, 4), (100, 4), (24, 2), (4, 4), (3, 16), (1, 16),
+])
+def test_spill_step_keeps_points_whole(per_weight: int, step: int) -> None:
+    assert spill_step(per_weight) == step
+    assert all(per_weight * c % SPILL_SCALE == 0 for c in range(step, SPILL_SCALE + 1, step))
+
+
+def test_spill_with_points_not_a_multiple_of_16_rounds_the_cold_scale_up() -> None:
+    # Warm 1 of 3 at factor 1.5: the exact scale is 8 (test above); with P = 100 (step 4) it
+    # stays 8 -> 50 points; the (1, 3) case needs 9 -> rounded up to 12 -> 75 points.
+    pool = Pool(name="p", models=("m",), ring_points_per_weight=100)
+    r = routes([WARM, COLD, COLD], pool=pool)
+    assert r["e0"] == Route(WARM, HEALTHY, 16, 100)
+    assert r["e1"] == Route(COLD, HEALTHY, 8, 50)
+    r = routes([WARM, COLD, COLD, COLD], pool=pool)
+    assert r["e1"] == Route(COLD, HEALTHY, 12, 75)
+    # The warm share still stays within the factor: 100 / (100 + 3 x 75) <= 1.5 / 4.
+    assert Fraction(100, ring_size(r)) <= Fraction(3, 2) * Fraction(1, 4)
+    assert envoy_points(r) == {k: x.ring_points for k, x in r.items()}
+
+
+def test_odd_points_spill_at_full_weight() -> None:
+    pool = Pool(name="p", models=("m",), ring_points_per_weight=3)
+    r = routes([WARM, COLD, COLD], pool=pool)
+    assert [(x.weight, x.ring_points) for x in r.values()] == [(16, 3), (16, 3), (16, 3)]
+    assert cold_spill_scale(1, 2, Fraction(3, 2), spill_step(3)) == 16
 
 
 # --- the builders ------------------------------------------------------------------------------
@@ -245,3 +300,43 @@ def test_stale_threshold_follows_the_pool_interval() -> None:
     assert r["e0"].health == UNHEALTHY
     r = pool_routes(pool, endpoints(1, 1), statuses(DOWN, WARM, age=61), NOW)
     assert r["e0"].health == HEALTHY
+
+
+# --- the status write budget ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("interval", "endpoints", "stale"), [
+    (10.0, 0, 30.0), (10.0, 100, 30.0), (10.0, 750, 30.0), (10.0, 1000, 40.0),
+    (10.0, 10_000, 400.0), (20.0, 1500, 60.0), (20.0, 10_000, 400.0), (300.0, 10_000, 900.0),
+])
+def test_stale_after_grows_with_the_fleet(interval: float, endpoints: int,
+                                          stale: float) -> None:
+    assert stale_after_s(interval, endpoints) == stale
+
+
+@given(st.sampled_from([0.5, 1.0, 5.0, 10.0, 20.0, 60.0]), st.integers(0, 200_000))
+def test_steady_refreshes_stay_within_the_budget_and_below_staleness(
+        interval: float, endpoints: int) -> None:
+    from control_plane.prober.state import refresh_after_s
+
+    refresh = refresh_after_s(interval, endpoints)
+    assert refresh < stale_after_s(interval, endpoints)  # refreshed before it goes stale
+    assert endpoints / refresh <= STATUS_WRITE_BUDGET_PER_S + 1e-9 or \
+        refresh == stale_after_s(interval) / 2  # small fleets keep the fixed rule
+    assert stale_after_s(interval, endpoints) >= stale_after_s(interval)
+
+
+def test_needs_write_with_the_fleet_count() -> None:
+    from control_plane.prober.state import Warmth, needs_write
+
+    record = Status("p", "e", COLD, 1500.0, NOW - 100)
+    assert needs_write(Warmth(state=COLD), record, NOW, 10.0)  # fixed rule: 15 s
+    assert not needs_write(Warmth(state=COLD), record, NOW, 10.0, endpoints=10_000)  # 200 s
+    assert needs_write(Warmth(state=COLD), Status("p", "e", COLD, 1.0, NOW - 200), NOW, 10.0,
+                       endpoints=10_000)
+    assert needs_write(Warmth(state=WARM), record, NOW, 10.0, endpoints=10_000)  # a change
+    # The control plane's side of the same count: 100 s old is still cold at 10,000.
+    eps = {"e": Endpoint("p", "e", "10.0.0.1", 80)}
+    assert pool_routes(POOL, eps, {"e": record}, NOW, fleet_endpoints=10_000)["e"].state \
+        is COLD
+    assert pool_routes(POOL, eps, {"e": record}, NOW)["e"].state is WARM

@@ -1,0 +1,151 @@
+"""The split-slots writer: of several control planes, the leader keeps every split's slot
+table (``split-slots/<model>``) moving toward the split's weights.
+
+The leader holds ``<prefix without its final slash>.split-leader`` (``store/leader.py``'s
+election, with a key of its own next to the prober's). Every ``interval_s`` it derives each
+split's table from the stored one (config/splits.py ``leader_table``), leaving the slots of
+active sessions (seen by this control plane's Envoys within their pool's ``session_ttl_s``)
+where they are, and writes the tables that changed. Every control plane, the leader
+included, translates from the stored tables, so they all route alike; the leader only
+writes. A table whose split is gone is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from etcd3aio import Etcd3Client
+
+from control_plane.config.model import Config
+from control_plane.config.splits import SLOTS, leader_table, slot_of
+from control_plane.store.etcd import Backoff, EtcdSettings, delete, etcd_client
+from control_plane.store.leader import LeaderElection
+
+log = logging.getLogger(__name__)
+
+# How often the leader derives the tables again (weight changes, sessions going idle).
+INTERVAL_S = 0.5
+LEADER_TTL_S = 5
+# A table written is not written again for this long while the watch has not shown it.
+CATCH_UP_S = 2.0
+
+ActiveSessions = Callable[[str, float, float], list[str]]  # (pool, now, ttl) -> hashes
+
+
+def split_leader_key(prefix: str) -> str:
+    return prefix.rstrip("/") + ".split-leader"
+
+
+def active_slots(config: Config, model: str, sessions: ActiveSessions, now: float
+                 ) -> set[int]:
+    """Slots holding a session one of the split's arm pools served within its TTL."""
+    slots: set[int] = set()
+    for pool_name in config.splits[model].pools:
+        pool = config.pools.get(pool_name)
+        if pool is None:
+            continue
+        for session in sessions(pool_name, now, pool.session_ttl_s):
+            try:
+                slots.add(slot_of(session, SLOTS))
+            except ValueError:
+                continue
+    return slots
+
+
+def tables_to_write(config: Config, sessions: ActiveSessions, now: float
+                    ) -> dict[str, dict[str, object] | None]:
+    """split-slots values that differ from the stored ones (None: delete the key)."""
+    writes: dict[str, dict[str, object] | None] = {}
+    for model, split in config.splits.items():
+        stored = config.split_slots.get(model)
+        table = leader_table(split, stored, set(config.pools),
+                             active_slots(config, model, sessions, now))
+        if table is None:
+            continue  # no arm left: keep the last table for when a pool comes back
+        if stored is None or stored.table != table or stored.pools != split.pools:
+            writes[model] = {"arms": list(split.pools), "slots": table}
+    for model in config.split_slots:
+        if model not in config.splits:
+            writes[model] = None
+    return writes
+
+
+class SplitSlotsWriter:
+    """Campaigns for the split leadership and, while leader, writes the tables."""
+
+    def __init__(self, settings: EtcdSettings, identity: str, config: Callable[[], Config],
+                 sessions: ActiveSessions, split_keys: Callable[[], set[str]],
+                 interval_s: float = INTERVAL_S) -> None:
+        self.settings = settings
+        self.config = config
+        self.sessions = sessions
+        # Models with a splits/ key (in force or not): a table is deleted only when its
+        # split key is gone, never because the split's latest value is refused.
+        self.split_keys = split_keys
+        self.interval_s = interval_s
+        self.election = LeaderElection(settings, identity, LEADER_TTL_S, self._leading)
+        self.election.key = split_leader_key(settings.prefix)
+        self.writes = 0
+        self._wake = asyncio.Event()
+
+    def _leading(self, leader: bool) -> None:
+        log.info("split-slots writer %s: %s", self.election.identity,
+                 "leading" if leader else "standing by")
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Derive again now (the config changed)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        election = asyncio.create_task(self.election.run(), name="split-leader")
+        backoff = Backoff()
+        try:
+            while True:
+                try:
+                    async with etcd_client(self.settings) as client:
+                        await self._serve(client)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - etcd trouble: try again
+                    log.warning("split-slots writer: %s; retrying", exc or type(exc).__name__)
+                    await backoff.sleep()
+        finally:
+            election.cancel()
+            await asyncio.gather(election, return_exceptions=True)
+
+    async def _serve(self, client: Etcd3Client) -> None:
+        assert client.kv is not None
+        # model -> (value written, when): not written again while the follower catches up.
+        written: dict[str, tuple[str | None, float]] = {}
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.election.leader:
+                written.clear()
+                continue
+            now = time.time()
+            keys = self.split_keys()
+            for model, value in tables_to_write(self.config(), self.sessions, now).items():
+                if value is None and model in keys:
+                    continue
+                raw = None if value is None else json.dumps(value, separators=(",", ":"))
+                last = written.get(model)
+                if last is not None and last[0] == raw and now - last[1] < CATCH_UP_S:
+                    continue
+                key = f"split-slots/{model}"
+                if raw is None:
+                    await delete(client, self.settings, key)
+                else:
+                    await client.kv.put(self.settings.prefix + key, raw, timeout=5)
+                written[model] = (raw, now)
+                self.writes += 1
+                log.info("%s%s: %s", self.settings.prefix, key,
+                         "deleted (its split is gone)" if raw is None else "table written")

@@ -1,0 +1,234 @@
+"""Warmth from real traffic, pure parts: access-log entries, the window, the judge, and the
+scheduler acting on verdicts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from envoy.data.accesslog.v3 import accesslog_pb2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from control_plane.config.model import Config, Endpoint, Pool, Source, WarmState, Warmup
+from control_plane.prober import scheduler as sched
+from control_plane.prober.service import traffic_report
+from control_plane.traffic.entries import TAG_ELAPSED_MS, TAG_FIRST_BODY_MS, observe
+from control_plane.traffic.judge import judge, merge, percentile
+from control_plane.traffic.window import STALE_FLIGHT_S, EndpointTraffic, Sample, TrafficWindow
+
+NOW = 1_700_000_000.0
+
+
+def entry(stream: str = "1", first_byte_ms: float | None = 120.0, elapsed_ms: float = 500.0,
+          final: bool = True, body: int = 2048, cluster: str = "chat",
+          address: str = "10.0.0.1", port: int = 8000, failure: bool = False,
+          session_hash: str | None = "h-0011223344556677") -> accesslog_pb2.HTTPAccessLogEntry:
+    message = accesslog_pb2.HTTPAccessLogEntry()
+    common = message.common_properties
+    common.upstream_cluster = cluster
+    if address:
+        common.upstream_remote_address.socket_address.address = address
+        common.upstream_remote_address.socket_address.port_value = port
+    common.stream_id = stream
+    common.intermediate_log_entry = not final
+    if first_byte_ms is not None:
+        common.custom_tags[TAG_FIRST_BODY_MS] = str(first_byte_ms)
+    common.custom_tags[TAG_ELAPSED_MS] = str(elapsed_ms)
+    common.response_flags.upstream_connection_failure = failure
+    if session_hash is not None:
+        common.metadata.filter_metadata["envoy.filters.http.lua"].update(
+            {"session_hash": session_hash})
+    message.request.request_body_bytes = body
+    message.response.response_code.value = 200
+    return message
+
+
+def test_an_entry_becomes_an_observation() -> None:
+    obs = observe("envoy-1", entry())
+    assert obs is not None
+    assert (obs.pool, obs.address, obs.stream) == ("chat", "10.0.0.1:8000", ("envoy-1", "1"))
+    assert (obs.first_byte_ms, obs.elapsed_ms, obs.request_bytes) == (120.0, 500.0, 2048)
+    assert obs.final and not obs.upstream_failure and obs.session_hash == "h-0011223344556677"
+    waiting = observe("envoy-1", entry(first_byte_ms=None, final=False))
+    assert waiting is not None and waiting.first_byte_ms is None and not waiting.final
+
+
+def test_entries_no_upstream_served_are_not_observations() -> None:
+    assert observe("e", entry(cluster="")) is None  # a direct response (/v1/models, 404)
+    assert observe("e", entry(address="")) is None
+
+
+def feed(window: TrafficWindow, *entries: accesslog_pb2.HTTPAccessLogEntry,
+         at: float = NOW) -> None:
+    for item in entries:
+        obs = observe("envoy-1", item)
+        assert obs is not None
+        window.observe(obs, at)
+
+
+def one(window: TrafficWindow, at: float = NOW) -> EndpointTraffic:
+    summary = window.summary(at)
+    assert list(summary) == [("chat", "10.0.0.1:8000")]
+    return summary[("chat", "10.0.0.1:8000")]
+
+
+def test_the_window_counts_finished_and_waiting_requests() -> None:
+    window = TrafficWindow(window_s=10)
+    window.connected(NOW - 20)
+    feed(window, entry("1", 100), entry("2", 300), entry("3", None, 700, final=False))
+    traffic = one(window, NOW + 2)
+    assert traffic.requests == 2 and traffic.rps == pytest.approx(0.2)
+    # The request still waiting counts with its age so far: 700 ms plus 2 s since.
+    assert sorted(s.ttft_ms for s in traffic.samples) == [100, 300, 2700]
+    assert [s.waiting for s in traffic.samples if s.ttft_ms == 2700] == [True]
+
+
+def test_a_request_that_got_its_first_byte_counts_while_it_streams() -> None:
+    window = TrafficWindow()
+    window.connected(NOW)
+    feed(window, entry("1", 150, final=False))
+    assert [(s.ttft_ms, s.waiting) for s in one(window).samples] == [(150, False)]
+    feed(window, entry("1", 150, final=True))
+    traffic = one(window)
+    assert [(s.ttft_ms, s.waiting) for s in traffic.samples] == [(150, False)]
+    assert traffic.requests == 1  # the periodic and the final entry are one request
+
+
+def test_abandoned_and_failed_requests() -> None:
+    window = TrafficWindow()
+    window.connected(NOW)
+    feed(window, entry("1", None, 9000), entry("2", None, 30, failure=True))
+    traffic = one(window)
+    assert (traffic.requests, traffic.abandoned, traffic.failures) == (2, 1, 1)
+    # The abandoned request waited 9 s for nothing: a lower bound of its TTFT.
+    assert [(s.ttft_ms, s.waiting) for s in traffic.samples] == [(9000, True)]
+
+
+def test_old_requests_leave_the_window_and_silent_flights_are_dropped() -> None:
+    window = TrafficWindow(window_s=10)
+    window.connected(NOW)
+    feed(window, entry("1", 100), entry("2", None, 500, final=False))
+    assert one(window, NOW + 9).requests == 1
+    assert window.summary(NOW + STALE_FLIGHT_S + 6) == {}
+
+
+def test_a_window_without_a_stream_says_it_has_no_data() -> None:
+    window = TrafficWindow(window_s=10)
+    feed(window, entry("1", 100))
+    traffic = one(window)
+    assert traffic.covered_s == 0 and traffic.rps == 0
+    window.connected(NOW)
+    assert one(window, NOW + 4).covered_s == 4
+    window.disconnected(NOW + 5)
+    assert one(window, NOW + 6).covered_s == 0
+
+
+def traffic_of(*samples: Sample) -> EndpointTraffic:
+    return EndpointTraffic(samples=samples, requests=len(samples), abandoned=0, failures=0,
+                           rps=2.0, covered_s=10.0)
+
+
+def test_judge_fast_slow_and_too_little() -> None:
+    fast = traffic_of(*[Sample(100, 1000)] * 9, Sample(900, 1000))
+    verdict = judge(fast, cold_ttft_ms=1000, prefill_ms_per_kib=0)
+    assert verdict is not None and not verdict.slow and verdict.p90_ms == 100
+    slow = traffic_of(*[Sample(8000, 1000)] * 5)
+    verdict = judge(slow, cold_ttft_ms=1000, prefill_ms_per_kib=0)
+    assert verdict is not None and verdict.slow and verdict.samples == 5
+    assert judge(traffic_of(Sample(8000, 0)), cold_ttft_ms=1000) is None
+
+
+def test_long_prompts_do_not_make_a_healthy_host_look_cold() -> None:
+    # TTFT proportional to prompt size, 30 ms per KiB: a healthy host with 100 KiB prompts.
+    samples = [Sample(30 * kib + 80, kib * 1024) for kib in (10, 40, 100, 100, 60)]
+    assert judge(traffic_of(*samples), cold_ttft_ms=1000, prefill_ms_per_kib=50).slow is False
+    # The same times on short prompts are a slow host.
+    short = [Sample(s.ttft_ms, 512) for s in samples]
+    assert judge(traffic_of(*short), cold_ttft_ms=1000, prefill_ms_per_kib=50).slow is True
+
+
+def test_waiting_requests_count_only_once_past_the_threshold() -> None:
+    young = [Sample(300, 0, waiting=True)] * 5
+    assert judge(traffic_of(*young), cold_ttft_ms=1000) is None  # not yet known
+    hung = [Sample(100, 0)] * 2 + [Sample(2500, 0, waiting=True)] * 3
+    verdict = judge(traffic_of(*hung), cold_ttft_ms=1000, prefill_ms_per_kib=0)
+    assert verdict is not None and verdict.slow
+
+
+@given(st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=50),
+       st.floats(0.01, 1))
+def test_percentile_is_a_sample_and_ordered(values: list[float], q: float) -> None:
+    value = percentile(values, q)
+    assert value in values
+    assert percentile(values, 0.5) <= percentile(values, 0.9)
+
+
+def test_merge_adds_control_planes() -> None:
+    a, b = traffic_of(Sample(100, 0)), traffic_of(Sample(200, 0), Sample(300, 0))
+    merged = merge([a, b])
+    assert merged is not None
+    assert (merged.requests, merged.rps, len(merged.samples)) == (3, 4.0, 3)
+    assert merge([]) is None
+
+
+def test_the_control_plane_report_round_trips() -> None:
+    report = {"window_s": 10, "endpoints": [
+        {"pool": "chat", "endpoint": "gpu-0", "address": "10.0.0.1:8000", "requests": 2,
+         "abandoned": 0, "failures": 0, "rps": 0.2, "covered_s": 10,
+         "samples": [[100.0, 10, 0], [2500.0, 0, 1]]},
+        {"pool": "chat", "endpoint": None, "address": "10.0.0.9:1", "requests": 1,
+         "abandoned": 0, "failures": 0, "rps": 0.1, "covered_s": 10, "samples": []}]}
+    parsed = traffic_report(report)
+    assert list(parsed) == [("chat", "gpu-0")]
+    assert parsed[("chat", "gpu-0")].samples == (Sample(100.0, 10), Sample(2500.0, 0, True))
+
+
+# -- the scheduler acting on verdicts ------------------------------------------------------
+
+POOL = Pool(name="chat", models=("m",), warmup=Warmup(interval_s=10, cold_ttft_ms=1000))
+ENDPOINT = Endpoint(pool="chat", id="gpu-0", address="10.0.0.1", port=8000)
+KEY = ("chat", "gpu-0")
+CONFIG = Config(pools={"chat": POOL}, endpoints={"chat": {"gpu-0": ENDPOINT}})
+
+
+def leader() -> sched.Scheduler:
+    scheduler = sched.Scheduler(sched.Policy(system_prompt="s", prefill_ms_per_kib=0),
+                                rng=random.Random(1))
+    scheduler.lead(True)
+    scheduler.reconcile(CONFIG, 0.0, NOW)
+    return scheduler
+
+
+def test_real_traffic_judges_and_no_probe_is_sent() -> None:
+    scheduler = leader()
+    events = scheduler.traffic_seen({KEY: traffic_of(*[Sample(120, 0)] * 6)})
+    assert [type(e) for e in events] == [sched.Judged]
+    actions = scheduler.decide(5.0, NOW + 5)
+    assert not any(isinstance(a, sched.Probe) for a in actions)
+    assert sched.Skipped(KEY, sched.SkipReason.TRAFFIC) in actions
+    writes = [a for a in actions if isinstance(a, sched.WriteStatus)]
+    assert len(writes) == 1
+    status = writes[0].status
+    assert status.state is WarmState.WARM and status.source is Source.TRAFFIC
+    assert status.traffic is not None and status.traffic.p90_ms == 120
+
+
+def test_slow_traffic_turns_a_busy_host_cold_after_fall_verdicts() -> None:
+    scheduler = leader()
+    scheduler.traffic_seen({KEY: traffic_of(*[Sample(120, 0)] * 6)})
+    slow = {KEY: traffic_of(*[Sample(8000, 0, waiting=True)] * 6)}
+    first = scheduler.traffic_seen(slow)
+    assert isinstance(first[0], sched.Judged) and not first[0].changed
+    second = scheduler.traffic_seen(slow)
+    assert isinstance(second[0], sched.Judged) and second[0].changed
+    assert scheduler.tracked[KEY].warmth.state is WarmState.COLD
+    assert scheduler.tracked[KEY].warmth.ttft_ms == 8000
+
+
+def test_without_enough_traffic_probes_decide_again() -> None:
+    scheduler = leader()
+    scheduler.traffic_seen({KEY: traffic_of(*[Sample(120, 0)] * 6)})
+    scheduler.traffic_seen({KEY: traffic_of(Sample(120, 0))})  # too little now
+    actions = scheduler.decide(5.0, NOW + 5)
+    assert any(isinstance(a, sched.Probe) for a in actions)
