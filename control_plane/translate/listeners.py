@@ -1,7 +1,15 @@
-"""The `hotpath` listener: HTTP connection manager, Lua filter, router, OpenAI-shaped errors."""
+"""The `hotpath` listener: HTTP connection manager, Lua filter, router, OpenAI-shaped errors.
+
+The Lua filter's config (its source) is not in the listener: the listener's HttpFilter
+discovers it over ECDS (``config_discovery`` on ADS) as the TypedExtensionConfig
+``hotpath-lua`` (``build_lua_filter_config``). A new filter version is then an ECDS update
+that applies to new requests, while the listener, and every open connection and stream on
+it, stays (a listener change drains them all).
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -9,22 +17,30 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    grpc_service_pb2,
     substitution_format_string_pb2,
+)
+from envoy.config.core.v3 import (
+    extension_pb2 as core_extension_pb2,
 )
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2 as accesslog_data_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.tracing.v3 import custom_tag_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from control_plane import contract
 from control_plane.config import limits
 from control_plane.config.model import GatewaySettings
+from control_plane.traffic import entries
 from control_plane.translate.lua import render_lua_source
 
 ACCESS_LOG_FORMAT = {
@@ -32,7 +48,8 @@ ACCESS_LOG_FORMAT = {
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "model": "%REQ(X-HOTPATH-MODEL)%",
-    "session": "%REQ(X-HOTPATH-SESSION)%",
+    # Session keys may be user ids: only their hash leaves Envoy.
+    "session": f"%DYNAMIC_METADATA({contract.LUA_METADATA_NS}:session_hash)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "details": "%RESPONSE_CODE_DETAILS%",
@@ -71,8 +88,10 @@ def _error_mapper(status: int, body_value: dict[str, Any], messages_api: bool
                 value=base_pb2.RuntimeUInt32(default_value=status, runtime_key="hotpath.none"),
             ))),
         _header(contract.LUA_REPLY_HEADER, present_match=True, invert_match=True),
+        # A request refused before its headers are read (431) has no :path: it counts as
+        # empty, so it gets the OpenAI shape instead of Envoy's plain text.
         _header(":path", string_match={"prefix": contract.MESSAGES_PATH},
-                invert_match=not messages_api),
+                invert_match=not messages_api, treat_missing_header_as_empty=True),
     ]
     return hcm_pb2.ResponseMapper(
         filter=accesslog_pb2.AccessLogFilter(and_filter=accesslog_pb2.AndFilter(filters=filters)),
@@ -119,16 +138,105 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
+ACCESS_LOG_FLUSH_S = 1.0
+
+
+def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
+                 ) -> list[accesslog_pb2.AccessLog]:
+    """The file log (one line per request that ended) and, unless turned off, the stream of
+    every request's timings to the control plane, periodic entries of requests in flight
+    included. Measured on Envoy 1.40, CPU per request: no log 103 us, gRPC log 120 us, with
+    the first-body-byte tag 121.5 us, with the 1 s flush 125 us (a Lua body hook: 157 us)."""
+    ended_only = accesslog_pb2.AccessLogFilter(log_type_filter=accesslog_pb2.LogTypeFilter(
+        types=[accesslog_data_pb2.AccessLogType.DownstreamEnd]))
+    logs = [accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.file", filter=ended_only,
+        typed_config=_any(file_pb2.FileAccessLog(
+            path=settings.access_log_path,
+            log_format=substitution_format_string_pb2.SubstitutionFormatString(
+                json_format=file_format))))]
+    if settings.traffic_stream:
+        stream = als_config_pb2.HttpGrpcAccessLogConfig(
+            common_config=als_config_pb2.CommonGrpcAccessLogConfig(
+                log_name=contract.ACCESS_LOG_NAME,
+                transport_api_version=config_source_pb2.V3,
+                grpc_service=grpc_service_pb2.GrpcService(
+                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                        cluster_name=contract.XDS_CLUSTER)),
+                buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_S),
+                custom_tags=[
+                    custom_tag_pb2.CustomTag(tag=entries.TAG_FIRST_BODY_MS,
+                                             value=entries.FIRST_BODY_FORMAT),
+                    custom_tag_pb2.CustomTag(tag=entries.TAG_ELAPSED_MS,
+                                             value=entries.ELAPSED_FORMAT),
+                ],
+            ))
+        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
+                                            typed_config=_any(stream)))
+    return logs
+
+
+LUA_FILTER_CONFIG_NAME = "hotpath-lua"
+LUA_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+
+
+@functools.lru_cache(maxsize=8)
+def build_lua_filter_config(settings: GatewaySettings) -> core_extension_pb2.TypedExtensionConfig:
+    """The ECDS resource the listener's Lua filter discovers: the filter's whole source.
+    Cached per settings, so an unchanged filter is the very object the snapshot builder
+    already knows (no re-serialization of ~40 KiB of Lua per rebuild)."""
+    lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
+        inline_string=render_lua_source(settings.max_body_bytes)))
+    return core_extension_pb2.TypedExtensionConfig(name=LUA_FILTER_CONFIG_NAME,
+                                                   typed_config=_any(lua))
+
+
+# What the listener runs when the filter's config has not arrived by the end of the initial
+# fetch (15 s): every request gets a 503 that says so, in the shape of its API. Constant, so
+# the listener never changes with the filter.
+_FILTER_MISSING_LUA = f"""
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local path = headers:get(":path") or ""
+  headers:replace("{contract.LUA_REPLY_HEADER}", "1")
+  local message = "hotpath: the gateway filter has not arrived from the control plane yet"
+  local body
+  if path:sub(1, {len(contract.MESSAGES_PATH)}) == "{contract.MESSAGES_PATH}" then
+    body = '{{"type":"error","error":{{"type":"overloaded_error","message":"' .. message .. '"}}}}'
+  else
+    body = '{{"error":{{"message":"' .. message .. '","type":"server_error",' ..
+      '"code":"filter_not_loaded"}}}}'
+  end
+  handle:respond({{[":status"] = "503", ["content-type"] = "application/json"}}, body)
+end
+"""
+
+
+def _lua_http_filter() -> hcm_pb2.HttpFilter:
+    """The Lua filter, its config from ECDS. Measured on Envoy 1.40: the listener warms (its
+    port stays closed) until the first ECDS answer, for at most the initial fetch timeout
+    (15 s); then it serves the default config, a 503 here. No request is ever routed
+    without the filter. (Without a default, Envoy answers 500 after the timeout; with
+    ``apply_default_config_without_warming`` the listener serves the default at once.)"""
+    default = any_pb2.Any()
+    default.Pack(lua_pb2.Lua(default_source_code=base_pb2.DataSource(
+        inline_string=_FILTER_MISSING_LUA)), deterministic=True)
+    return hcm_pb2.HttpFilter(
+        name=LUA_FILTER_CONFIG_NAME,
+        config_discovery=config_source_pb2.ExtensionConfigSource(
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3),
+            default_config=default,
+            apply_default_config_without_warming=False,
+            type_urls=[LUA_TYPE_URL]))
+
+
 def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
     """Depends on gateway settings only: pool changes never replace the listener (which would
-    drain every open connection, cutting long generations)."""
+    drain every open connection, cutting long generations), nor do filter changes (ECDS)."""
     # Both land in Envoy fields (UInt32Value buffer limit, Duration idle timeouts).
     limits.check_gateway(settings.max_body_bytes, settings.idle_timeout_s)
-    lua = lua_pb2.Lua(
-        default_source_code=base_pb2.DataSource(
-            inline_string=render_lua_source(settings.max_body_bytes)
-        )
-    )
     access_log_format = struct_pb2.Struct()
     access_log_format.update(ACCESS_LOG_FORMAT)
     hcm = hcm_pb2.HttpConnectionManager(
@@ -142,23 +250,15 @@ def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
             ),
         ),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=_any(lua)),
+            _lua_http_filter(),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router",
                                typed_config=_any(router_pb2.Router())),
         ],
-        access_log=[
-            accesslog_pb2.AccessLog(
-                name="envoy.access_loggers.file",
-                typed_config=_any(
-                    file_pb2.FileAccessLog(
-                        path=settings.access_log_path,
-                        log_format=substitution_format_string_pb2.SubstitutionFormatString(
-                            json_format=access_log_format
-                        ),
-                    )
-                ),
-            )
-        ],
+        access_log=_access_logs(settings, access_log_format),
+        # In-flight requests get an entry per interval: one waiting for its first token is
+        # seen before it ends (traffic/entries.py).
+        access_log_options=hcm_pb2.HttpConnectionManager.HcmAccessLogOptions(
+            access_log_flush_interval=_duration(ACCESS_LOG_FLUSH_S)),
         # A non-streaming generation is silent until done: only a long idle stops it.
         stream_idle_timeout=_duration(settings.idle_timeout_s),
         request_timeout=_duration(0),

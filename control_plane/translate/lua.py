@@ -1,10 +1,19 @@
 """The Lua filter's inline source: lua/hotpath.lua + the rendered config + lua/filter.lua.
 
 Envoy's inline Lua cannot `require` files, so the module is inlined as the global HOTPATH and
-the gateway-wide config as the global HOTPATH_CONFIG, both read by lua/filter.lua.
+the gateway-wide config as the global HOTPATH_CONFIG, both read by lua/filter.lua. The
+source reaches Envoy over ECDS (translate/listeners.py), so a new source never replaces the
+listener.
+
+``HOTPATH_LUA_DIR`` (environment of the control plane) names a folder whose hotpath.lua
+and filter.lua replace the shipped ones: a patched or newer filter rolled out to running
+Envoys without reinstalling the control plane and without cutting a stream (the tests use
+it to change the filter under an open stream).
 """
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TypeAlias
 
 from control_plane import contract
@@ -19,6 +28,17 @@ _LUA_MAX_EXACT_INT = 2**53
 def lua_asset(name: str) -> str:
     """A file of lua/."""
     return asset_text("lua", name)
+
+
+LUA_DIR_ENV = "HOTPATH_LUA_DIR"
+
+
+def filter_asset(name: str) -> str:
+    """A file of the filter: from $HOTPATH_LUA_DIR when set, else the shipped lua/."""
+    folder = os.environ.get(LUA_DIR_ENV)
+    if folder:
+        return (Path(folder) / name).read_text(encoding="utf-8")
+    return lua_asset(name)
 
 
 def _lua_string(value: str) -> str:
@@ -59,7 +79,7 @@ def render_lua_source(max_body_bytes: int) -> str:
         "metadata_namespace": contract.LUA_METADATA_NS,
     }
     return (
-        f"HOTPATH = (function()\n{lua_asset('hotpath.lua')}\nend)()\n"
+        f"HOTPATH = (function()\n{filter_asset('hotpath.lua')}\nend)()\n"
         f"HOTPATH_CONFIG = {lua_literal(config)}\n"
-        f"{lua_asset('filter.lua')}"
+        f"{filter_asset('filter.lua')}"
     )

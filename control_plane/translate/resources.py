@@ -68,11 +68,13 @@ def _same(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
     return all(map(operator.is_, a.values(), b.values())) or dict(a) == dict(b)
 
 
-def stale_deadline(pool: Pool, statuses: Mapping[str, Status], now: float) -> float:
-    """The last moment at which none of the pool's fresh statuses is stale yet (inf: never)."""
-    after = stale_after_s(pool.warmup.interval_s)
+def stale_deadline(pool: Pool, statuses: Mapping[str, Status], now: float,
+                   fleet: int = 0) -> float:
+    """The last moment at which none of the pool's fresh statuses is stale yet (inf: never).
+    ``fleet``: every endpoint in the config (translate/warmth.py stale_after_s)."""
+    after = stale_after_s(pool.warmup.interval_s, fleet)
     deadlines = [s.checked_at + after for s in statuses.values()
-                 if not is_stale(s, pool.warmup.interval_s, now)]
+                 if not is_stale(s, pool.warmup.interval_s, now, fleet)]
     return min(deadlines, default=math.inf)
 
 
@@ -86,6 +88,7 @@ class _PoolEntry:
     dns_epoch: int
     computed_at: float
     valid_until: float
+    stale_after: float
     routes: dict[str, Route]
     cluster: Message
     assignment: Message
@@ -115,9 +118,10 @@ class Translator:
         then resolved again."""
         clusters: dict[str, Message] = {}
         assignments: dict[str, Message] = {}
+        fleet = sum(len(members) for members in config.endpoints.values())
         for name, pool in config.pools.items():
             entry = self._pool(pool, config.endpoints.get(name, {}),
-                               config.statuses.get(name, {}), resolve, now, dns_epoch)
+                               config.statuses.get(name, {}), resolve, now, dns_epoch, fleet)
             clusters[name] = entry.cluster
             assignments[name] = entry.assignment
         for gone in set(self._pools) - set(config.pools):
@@ -164,9 +168,11 @@ class Translator:
 
     def _pool(self, pool: Pool, endpoints: Mapping[str, Endpoint],
               statuses: Mapping[str, Status], resolve: Resolve, now: float,
-              dns_epoch: int) -> _PoolEntry:
+              dns_epoch: int, fleet: int = 0) -> _PoolEntry:
         entry = self._pools.get(pool.name)
+        stale_after = stale_after_s(pool.warmup.interval_s, fleet)
         if (entry is not None and (entry.pool is pool or entry.pool == pool)
+                and entry.stale_after == stale_after
                 and entry.computed_at <= now <= entry.valid_until
                 and (not entry.uses_dns or entry.dns_epoch == dns_epoch)
                 and _same(entry.endpoints, endpoints) and _same(entry.statuses, statuses)):
@@ -180,8 +186,8 @@ class Translator:
                 resolved[eid] = ip
         # Endpoints not (yet) resolved are left out of EDS, and so out of the ring size.
         present = {eid: e for eid, e in endpoints.items() if eid in resolved}
-        routes = pool_routes(pool, present, statuses, now)
-        valid_until = stale_deadline(pool, statuses, now)
+        routes = pool_routes(pool, present, statuses, now, fleet)
+        valid_until = stale_deadline(pool, statuses, now, fleet)
         if (entry is not None and entry.pool == pool and entry.resolved == resolved
                 and _same(entry.endpoints, endpoints) and entry.routes == routes):
             # Only a status refresh (or time): same routing, same resources.
@@ -191,6 +197,6 @@ class Translator:
             cluster = build_cluster(pool, routes)
             assignment = build_load_assignment(pool, present, resolved, routes)
         entry = _PoolEntry(pool, endpoints, statuses, resolved, uses_dns, dns_epoch, now,
-                           valid_until, routes, cluster, assignment)
+                           valid_until, stale_after, routes, cluster, assignment)
         self._pools[pool.name] = entry
         return entry

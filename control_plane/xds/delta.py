@@ -18,9 +18,11 @@ per type URL:
 - At most one response per type is in flight; the next, when due, carries the latest
   snapshot (a slow Envoy skips the versions in between). A NACK (``error_detail``) is
   reported once; the rejected versions are not sent again, newer ones are.
-- Push order is CDS before EDS, LDS before RDS, within one change too; a CDS response that
-  re-creates clusters owes their EDS (sent right after it, or with the next EDS response),
-  as in the SotW protocol (xds/protocol.py), or the clusters stay warming.
+- Push order is CDS before EDS, LDS before ECDS and RDS, within one change too; a CDS
+  (LDS) response that re-creates clusters (listeners) owes their EDS (ECDS, RDS), sent
+  right after it or with the next response of that type, as in the SotW protocol
+  (xds/protocol.py), or the clusters stay warming. ECDS (the Lua filter's config) is a
+  named subscription, like EDS and RDS.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from control_plane.xds import types
-from control_plane.xds.protocol import CHILD, NAMED, PARENT, Nack
+from control_plane.xds.protocol import CHILDREN, NAMED, PARENT, Nack
 from control_plane.xds.snapshot import Snapshot
 
 
@@ -179,10 +181,12 @@ class DeltaStream:
     def _respond(self, type_url: str, state: _DeltaState, snapshot: Snapshot,
                  names: list[str], removed: list[str]) -> DeltaResponse:
         versions = [snapshot.resource_version(type_url, n) or "" for n in names]
-        child = CHILD.get(type_url)
-        if child is not None and child in self._types and names:
-            child_state = self._types[child]
-            # A cluster's load assignment has its name; a listener's routes: owe them all.
+        for child in CHILDREN.get(type_url, ()) if names else ():
+            child_state = self._types.get(child)
+            if child_state is None:
+                continue
+            # A cluster's load assignment has its name; a listener's routes and filter
+            # configs: owe them all.
             child_state.owed.update(names if child == types.ENDPOINT else
                                     (child_state.names | set(snapshot.names(child))))
         for name, version in zip(names, versions, strict=True):

@@ -10,17 +10,19 @@ Requests and snapshots go in, responses (and NACK reports) come out. Rules, per 
   never sent again; only a newer snapshot version is.
 - The first request of a type, or newly subscribed names, get a response.
 - CDS and LDS are wildcard: a response carries every resource (the protocol requires the
-  full state for them). EDS and RDS are per name, and a SotW response for them may carry
-  a subset ("the client must not delete the unchanged resources", xDS protocol, grouping
-  resources into responses): only the resources whose version differs from what this
-  stream was sent go out, so a change in pool A sends no EDS for pool B.
-- Push order is CDS before EDS and LDS before RDS, within one change too: while a CDS
-  (LDS) change waits for its in-flight response, EDS (RDS) changes wait behind it.
+  full state for them). EDS, RDS and ECDS (the Lua filter's config) are per name, and a
+  SotW response for them may carry a subset ("the client must not delete the unchanged
+  resources", xDS protocol, grouping resources into responses): only the resources whose
+  version differs from what this stream was sent go out, so a change in pool A sends no
+  EDS for pool B.
+- Push order is CDS before EDS and LDS before ECDS and RDS, within one change too: while a
+  CDS (LDS) change waits for its in-flight response, EDS (ECDS, RDS) changes wait behind
+  it. Envoy subscribes to an ECDS name only once it has a listener that references it.
 - A CDS (LDS) response re-creates the changed clusters (listeners) in Envoy, and those
-  wait for their EDS (RDS) again even when it did not change: the EDS (RDS) response that
-  follows carries them, or, when one is in flight, the answer to Envoy's next EDS (RDS)
-  request does (Envoy re-requests with the version and nonce it has). Unanswered, the
-  re-created clusters stay warming until the initial fetch timeout.
+  wait for their EDS (RDS, ECDS) again even when it did not change: the EDS (RDS, ECDS)
+  response that follows carries them, or, when one is in flight, the answer to Envoy's
+  next request of that type does (Envoy re-requests with the version and nonce it has).
+  Unanswered, the re-created clusters stay warming until the initial fetch timeout.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from control_plane.xds import types
 from control_plane.xds.snapshot import Snapshot
 
 # A response of the key type re-creates resources whose value-type resources it owes.
-CHILD = {types.CLUSTER: types.ENDPOINT, types.LISTENER: types.ROUTE}
-PARENT = {child: parent for parent, child in CHILD.items()}
+CHILDREN = {types.CLUSTER: (types.ENDPOINT,),
+            types.LISTENER: (types.ROUTE, types.EXTENSION_CONFIG)}
+PARENT = {child: parent for parent, children in CHILDREN.items() for child in children}
 # Types whose resources are requested by name; the others are wildcard subscriptions.
-NAMED = (types.ENDPOINT, types.ROUTE)
+NAMED = (types.ENDPOINT, types.ROUTE, types.EXTENSION_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -188,14 +191,14 @@ class AdsStream:
     def _respond(self, type_url: str, state: _TypeState, snapshot: Snapshot,
                  names: list[str]) -> Response:
         versions = {n: snapshot.resource_version(type_url, n) or "" for n in names}
-        child = CHILD.get(type_url)
-        if child is not None and child in self._types:
-            recreated = [n for n in names if state.known.get(n) != versions[n]]
-            if recreated:
-                if child == types.ENDPOINT:  # a cluster's load assignment has its name
-                    self._types[child].owed.update(recreated)
-                else:
-                    self._types[child].owed_all = True
+        recreated = [n for n in names if state.known.get(n) != versions[n]]
+        for child in CHILDREN.get(type_url, ()) if recreated else ():
+            if child not in self._types:
+                continue
+            if child == types.ENDPOINT:  # a cluster's load assignment has its name
+                self._types[child].owed.update(recreated)
+            else:  # a listener's routes and filter configs: owe them all
+                self._types[child].owed_all = True
         if type_url not in NAMED:
             state.known = versions
         else:

@@ -13,9 +13,9 @@ import asyncio
 import itertools
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -298,9 +298,15 @@ def _check_free(address: str) -> None:
                                ) from None
 
 
+class GrpcService(Protocol):
+    def add_to(self, server: grpc.aio.Server) -> None: ...
+
+
 async def start_xds_server(servicer: AdsServicer, address: str,
-                           tls: XdsServerTls | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the ADS server on ``host:port`` (port 0 picks one); returns it and the port."""
+                           tls: XdsServerTls | None = None,
+                           others: Sequence[GrpcService] = ()) -> tuple[grpc.aio.Server, int]:
+    """Start the ADS server on ``host:port`` (port 0 picks one), with ``others`` (the
+    access-log service) on the same port; returns it and the port."""
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
@@ -311,6 +317,8 @@ async def start_xds_server(servicer: AdsServicer, address: str,
         ]
     )
     servicer.add_to(server)
+    for service in others:
+        service.add_to(server)
     _check_free(address)
     try:
         if tls is None:

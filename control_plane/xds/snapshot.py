@@ -32,11 +32,42 @@ Resources = Mapping[str, Mapping[str, Message]]
 
 
 class InconsistentSnapshot(ValueError):
-    """A snapshot whose EDS/RDS names do not match what its CDS/LDS reference."""
+    """A snapshot whose EDS/RDS/ECDS names do not match what its CDS/LDS reference."""
+
+
+def _http_connection_managers(resources: Resources) -> Iterable[hcm_pb2.HttpConnectionManager]:
+    for listener in resources.get(types.LISTENER, {}).values():
+        for chain in getattr(listener, "filter_chains", []):
+            for network_filter in chain.filters:
+                hcm = hcm_pb2.HttpConnectionManager()
+                if network_filter.typed_config.Unpack(hcm):
+                    yield hcm
+
+
+def _check_extension_configs(resources: Resources,
+                             managers: list[hcm_pb2.HttpConnectionManager]) -> None:
+    """Every HTTP filter a listener discovers over ECDS has its TypedExtensionConfig, of a
+    type the filter accepts (Envoy would NACK it), and there is no other."""
+    needed: dict[str, set[str]] = {}
+    for hcm in managers:
+        for http_filter in hcm.http_filters:
+            if http_filter.HasField("config_discovery"):
+                needed.setdefault(http_filter.name, set()).update(
+                    http_filter.config_discovery.type_urls)
+    have = resources.get(types.EXTENSION_CONFIG, {})
+    if set(needed) != set(have):
+        raise InconsistentSnapshot(
+            f"ECDS resources {sorted(have)} do not match listener filters {sorted(needed)}")
+    for name, config in have.items():
+        type_url = getattr(getattr(config, "typed_config", None), "type_url", "")
+        if needed[name] and type_url not in needed[name]:
+            raise InconsistentSnapshot(
+                f"ECDS resource {name} is a {type_url or '?'}, not one of {sorted(needed[name])}")
 
 
 def check_consistent(resources: Resources) -> None:
-    """Refuse a snapshot whose EDS/RDS resources are not exactly what CDS/LDS reference."""
+    """Refuse a snapshot whose EDS/RDS/ECDS resources are not exactly what CDS/LDS
+    reference."""
     eds_needed = {
         name
         for name, cluster in resources.get(types.CLUSTER, {}).items()
@@ -47,18 +78,14 @@ def check_consistent(resources: Resources) -> None:
         raise InconsistentSnapshot(
             f"EDS resources {sorted(eds_have)} do not match EDS clusters {sorted(eds_needed)}"
         )
-    rds_needed: set[str] = set()
-    for listener in resources.get(types.LISTENER, {}).values():
-        for chain in getattr(listener, "filter_chains", []):
-            for network_filter in chain.filters:
-                hcm = hcm_pb2.HttpConnectionManager()
-                if network_filter.typed_config.Unpack(hcm) and hcm.HasField("rds"):
-                    rds_needed.add(hcm.rds.route_config_name)
+    managers = list(_http_connection_managers(resources))
+    rds_needed = {hcm.rds.route_config_name for hcm in managers if hcm.HasField("rds")}
     rds_have = set(resources.get(types.ROUTE, {}))
     if rds_needed != rds_have:
         raise InconsistentSnapshot(
             f"RDS resources {sorted(rds_have)} do not match listener routes {sorted(rds_needed)}"
         )
+    _check_extension_configs(resources, managers)
 
 
 def serialize(resource: Message) -> bytes:

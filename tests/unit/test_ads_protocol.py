@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -24,6 +25,8 @@ from control_plane.xds.protocol import AdsStream, Nack, Request, Response
 from control_plane.xds.snapshot import Snapshot
 
 CDS, EDS, LDS, RDS = types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE
+ECDS = types.EXTENSION_CONFIG
+LUA = "hotpath-lua"
 
 
 def make_snapshot(
@@ -38,6 +41,7 @@ def make_snapshot(
         EDS: {n: endpoint_pb2.ClusterLoadAssignment(cluster_name=n) for n in clusters},
         LDS: {"hotpath": listener_pb2.Listener(name="hotpath")},
         RDS: {n: route_pb2.RouteConfiguration(name=n) for n in routes},
+        ECDS: {LUA: extension_pb2.TypedExtensionConfig(name=LUA)},
     }
     if isinstance(versions, str):
         versions = {t: versions for t in types.PUSH_ORDER}
@@ -111,9 +115,13 @@ class FakeEnvoy:
         return self._sent(self.stream.on_snapshot(snapshot), snapshot)
 
     def connect(self, snapshot: Snapshot, eds: Iterable[str] = ("a", "b"),
-                rds: Iterable[str] = ("hotpath",)) -> None:
-        """Envoy's start-up: CDS, its EDS, LDS, its RDS; every response ACKed."""
-        for type_url, names in ((CDS, ()), (EDS, eds), (LDS, ()), (RDS, rds)):
+                rds: Iterable[str] = ("hotpath",), ecds: bool = False) -> None:
+        """Envoy's start-up: CDS, its EDS, LDS, its RDS (and ECDS, which Envoy asks for once
+        it has the listener that references it); every response ACKed."""
+        steps = [(CDS, ()), (EDS, eds), (LDS, ()), (RDS, rds)]
+        if ecds:
+            steps.insert(3, (ECDS, (LUA,)))
+        for type_url, names in steps:
             (response,) = self.request(type_url, snapshot, names=names)
             assert self.ack(response, snapshot, names=names) == []
 
@@ -484,3 +492,73 @@ def test_explicit_wildcard_subscription_gets_every_resource() -> None:
     envoy = FakeEnvoy()
     (cds,) = envoy.request(CDS, V1, names=["*"])
     assert [resource_name(r) for r in cds.resources] == ["a", "b"]
+
+
+# --- ECDS (the Lua filter's config) ---------------------------------------------------------
+
+
+def test_ecds_is_a_named_subscription_asked_for_after_the_listener() -> None:
+    envoy = FakeEnvoy()
+    (lds,) = envoy.request(LDS, V1)
+    assert envoy.ack(lds, V1) == []
+    (ecds,) = envoy.request(ECDS, V1, names=[LUA])
+    assert (ecds.type_url, [resource_name(r) for r in ecds.resources]) == (ECDS, [LUA])
+    assert envoy.ack(ecds, V1, names=[LUA]) == []
+    # Named, not wildcard: an empty request subscribes to nothing.
+    other = FakeEnvoy()
+    (empty,) = other.request(ECDS, V1)
+    assert empty.resources == ()
+
+
+def test_filter_change_pushes_only_ecds() -> None:
+    # A new Lua source is an ECDS update: no LDS, so the listener and its streams stay.
+    envoy = FakeEnvoy()
+    envoy.connect(V1, ecds=True)
+    v2 = bump(V1, ECDS, version="v2")
+    (pushed,) = envoy.publish(v2)
+    assert (pushed.type_url, pushed.version_info) == (ECDS, "v2")
+    assert [resource_name(r) for r in pushed.resources] == [LUA]
+    assert envoy.ack(pushed, v2, names=[LUA]) == []
+
+
+def test_listener_push_goes_before_ecds_and_owes_it() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1, ecds=True)
+    # Both changed: LDS first, then the filter, then the routes (a new filter must handle
+    # the routes it finds; an old one may not understand new route metadata).
+    v2 = bump(V1, LDS, ECDS, RDS, version="v2")
+    assert [r.type_url for r in envoy.publish(v2)] == [LDS, ECDS, RDS]
+    envoy.ack(envoy.last[LDS], v2)
+    envoy.ack(envoy.last[ECDS], v2, names=[LUA])
+    envoy.ack(envoy.last[RDS], v2, names=["hotpath"])
+    # Only the listener changed: the re-created listener gets its filter config and routes
+    # again, at their unchanged versions.
+    v3 = bump(v2, LDS, version="v3")
+    lds, ecds, rds = envoy.publish(v3)
+    assert (lds.type_url, ecds.type_url, rds.type_url) == (LDS, ECDS, RDS)
+    assert ecds.version_info == "v2" and [resource_name(r) for r in ecds.resources] == [LUA]
+
+
+def test_ecds_waits_behind_a_listener_in_flight() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1, ecds=True)
+    v2 = bump(V1, LDS, version="v2")
+    lds, _, rds = envoy.publish(v2)
+    envoy.ack(envoy.last[ECDS], v2, names=[LUA])
+    envoy.ack(rds, v2, names=["hotpath"])
+    v3 = bump(v2, LDS, ECDS, version="v3")
+    assert envoy.publish(v3) == []  # LDS in flight: the filter waits behind it
+    after = envoy.ack(lds, v3)
+    assert [r.type_url for r in after] == [LDS, ECDS, RDS]
+    assert envoy.last[ECDS].version_info == "v3"
+
+
+def test_ecds_nack_reported_and_not_resent() -> None:
+    envoy = FakeEnvoy()
+    envoy.connect(V1, ecds=True)
+    v2 = bump(V1, ECDS, version="v2")
+    (pushed,) = envoy.publish(v2)
+    assert envoy.nack(pushed, v2, accepted="v1", names=[LUA], error="lua syntax") == []
+    assert [(n.type_url, n.version_info, n.resource_names) for n in envoy.nacks] == [
+        (ECDS, "v2", (LUA,))]
+    assert envoy.publish(v2) == []

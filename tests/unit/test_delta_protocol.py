@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf import any_pb2
 
+from control_plane.config.model import Config, GatewaySettings
+from control_plane.translate.resources import translate
 from control_plane.xds import types
 from control_plane.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
 from control_plane.xds.protocol import Nack
@@ -250,3 +252,81 @@ def test_with_the_snapshot_builder_a_change_in_one_pool_sends_only_it() -> None:
     assert second is not None
     (eds,) = envoy.publish(second)
     assert eds.names == ("a",) and eds.versions[0].startswith("2-")
+
+
+# --- ECDS (the Lua filter's config) ---------------------------------------------------------
+
+ECDS = types.EXTENSION_CONFIG
+LUA = "hotpath-lua"
+
+
+def translated(revision: int, max_body_bytes: int = 4096) -> Snapshot:
+    """A real snapshot (translate() + SnapshotBuilder) of an empty config."""
+    settings = GatewaySettings(max_body_bytes=max_body_bytes)
+    snapshot = SnapshotBuilder().update(translate(Config(), {}, settings, 0.0), revision)
+    assert snapshot is not None
+    return snapshot
+
+
+def connect_with_ecds(envoy: FakeDeltaEnvoy, snapshot: Snapshot,
+                      initial: Mapping[str, Mapping[str, str]] | None = None
+                      ) -> list[DeltaResponse]:
+    """Wildcard CDS and LDS, then what the listener names: its ECDS and RDS resources."""
+    sent: list[DeltaResponse] = []
+    for type_url, names in ((CDS, ()), (LDS, ()), (ECDS, (LUA,)), (RDS, ("hotpath",))):
+        responses = envoy.request(type_url, snapshot, subscribe=names,
+                                  initial=(initial or {}).get(type_url))
+        sent.extend(responses)
+        envoy.ack_all(responses, snapshot)
+    return sent
+
+
+def test_ecds_named_subscription_gets_the_filter() -> None:
+    envoy = FakeDeltaEnvoy()
+    sent = connect_with_ecds(envoy, translated(5))
+    ecds = [r for r in sent if r.type_url == ECDS]
+    assert [r.names for r in ecds] == [(LUA,)]
+    assert envoy.stream.subscribed(ECDS) == (False, frozenset({LUA}))
+
+
+def test_filter_change_sends_only_ecds() -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(translate(Config(), {}, GatewaySettings(max_body_bytes=4096), 0.0), 5)
+    assert first is not None
+    envoy = FakeDeltaEnvoy()
+    connect_with_ecds(envoy, first)
+    # Only the Lua source differs (the buffer limit, in the listener, is kept): ECDS alone.
+    listener_first = first.resources[LDS]
+    changed = {t: dict(r) for t, r in first.resources.items()}
+    changed[ECDS] = translated(6, max_body_bytes=2048).resources[ECDS]
+    changed[LDS] = dict(listener_first)
+    second = builder.update(changed, 6)
+    assert second is not None
+    (pushed,) = envoy.publish(second)
+    assert (pushed.type_url, pushed.names) == (ECDS, (LUA,))
+    assert pushed.versions[0].startswith("6-")
+    assert second.version(LDS) == first.version(LDS)
+
+
+def test_restarted_control_plane_resends_neither_listener_nor_filter() -> None:
+    # A new control plane versions everything at its own revision; Envoy's initial versions
+    # carry the same content hashes, so nothing of LDS or ECDS goes out again.
+    old = translated(5)
+    envoy = FakeDeltaEnvoy()
+    connect_with_ecds(envoy, old)
+    again = FakeDeltaEnvoy()
+    sent = connect_with_ecds(again, translated(9), initial=envoy.has)
+    assert [(r.type_url, r.names) for r in sent if r.type_url in (LDS, ECDS)] == [
+        (LDS, ()), (ECDS, ())]
+
+
+def test_recreated_listener_gets_its_unchanged_filter_after_it() -> None:
+    snapshot = translated(5)
+    envoy = FakeDeltaEnvoy()
+    connect_with_ecds(envoy, snapshot)
+    v2 = Snapshot(resources=snapshot.resources, versions={**snapshot.versions, LDS: "l2"},
+                  resource_versions={**snapshot.resource_versions,
+                                     LDS: {"hotpath": "6-other"}})
+    lds, ecds, rds = envoy.publish(v2)
+    assert (lds.type_url, ecds.type_url, rds.type_url) == (LDS, ECDS, RDS)
+    assert ecds.names == (LUA,) and ecds.versions == (snapshot.resource_version(ECDS, LUA),)

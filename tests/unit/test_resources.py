@@ -28,11 +28,17 @@ from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from control_plane.config import limits
 from control_plane.config.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
 from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
-from control_plane.translate.clusters import MAX_RING_SIZE, RING_POINTS_PER_WEIGHT
-from control_plane.translate.listeners import build_listener
-from control_plane.translate.lua import render_lua_source
+from control_plane.translate.clusters import MAX_RING_SIZE
+from control_plane.translate.listeners import (
+    LUA_FILTER_CONFIG_NAME,
+    LUA_TYPE_URL,
+    build_listener,
+    build_lua_filter_config,
+)
+from control_plane.translate.lua import LUA_DIR_ENV, lua_asset, render_lua_source
 from control_plane.translate.routes import (
     MODEL_HEADER,
     SESSION_HEADER,
@@ -144,30 +150,69 @@ def test_cluster_named_as_pool_and_fed_by_ads_eds() -> None:
     assert cluster.eds_cluster_config.eds_config.HasField("ads")
 
 
+DEFAULT_POINTS = limits.RING_POINTS_PER_WEIGHT_DEFAULT
+
+
 @pytest.mark.parametrize(
     ("weights", "ring"),
-    [([], 1024), ([1], 1024), ([1, 1, 1], 3072), ([1, 2, 3], 6144), ([128, 128], 262144)],
+    [([], 128), ([1], 128), ([1, 1, 1], 384), ([1, 2, 3], 768), ([128, 128], 32768)],
 )
-def test_ring_size_is_1024_times_total_weight(weights: list[int], ring: int) -> None:
+def test_ring_size_is_points_per_weight_times_total_weight(weights: list[int],
+                                                           ring: int) -> None:
     endpoints = {f"e{i}": Endpoint("p", f"e{i}", "10.0.0.1", 80, w) for i, w in enumerate(weights)}
     cluster = build_cluster(CHAT, endpoints)
     assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
     assert cluster.ring_hash_lb_config.minimum_ring_size.value == ring
-    assert ring == max(1, sum(weights)) * RING_POINTS_PER_WEIGHT
+    assert ring == max(1, sum(weights)) * DEFAULT_POINTS
     assert cluster.ring_hash_lb_config.maximum_ring_size.value == MAX_RING_SIZE
     assert cluster.ring_hash_lb_config.hash_function == (
         cluster_pb2.Cluster.RingHashLbConfig.XX_HASH)
 
 
+@pytest.mark.parametrize("points", [1, 16, 100, 256, 1024, 4096])
+def test_ring_size_follows_the_pools_points_per_weight(points: int) -> None:
+    pool = Pool(name="p", models=("m",), ring_points_per_weight=points)
+    for n in (1, 2, 3):
+        cluster = build_cluster(pool, endpoint_dicts(n, weight=2))
+        assert cluster.ring_hash_lb_config.minimum_ring_size.value == n * 2 * points
+
+
 def test_ring_points_per_host_constant_when_a_host_leaves() -> None:
     three = build_cluster(CHAT, endpoint_dicts(3)).ring_hash_lb_config.minimum_ring_size.value
     two = build_cluster(CHAT, endpoint_dicts(2)).ring_hash_lb_config.minimum_ring_size.value
-    assert three / 3 == two / 2 == RING_POINTS_PER_WEIGHT
+    assert three / 3 == two / 2 == DEFAULT_POINTS
 
 
-def test_ring_size_capped_at_envoy_maximum() -> None:
-    cluster = build_cluster(CHAT, endpoint_dicts(70, weight=128))  # 8960 x 1024 > 8 Mi
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE == 8 * 1024 * 1024
+def test_ring_size_clamped_at_envoy_maximum_and_warned_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    big = Pool(name="big", models=("m",), ring_points_per_weight=4096)
+    # 17 x 128 x 4096 = 8,912,896 > 8 Mi.
+    with caplog.at_level("WARNING", logger="hotpath.translate"):
+        for _ in range(3):
+            cluster = build_cluster(big, endpoint_dicts(17, weight=128))
+            assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE
+            assert cluster.ring_hash_lb_config.maximum_ring_size.value == MAX_RING_SIZE
+    warned = [r.getMessage() for r in caplog.records if "pools/big" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "ring needs 8912896 points (4096 per weight unit)" in warned[0]
+    assert "lower ring_points_per_weight" in warned[0]
+    # Back under the maximum: exact again, and a later clamp warns again.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hotpath.translate"):
+        fits = build_cluster(big, endpoint_dicts(16, weight=128))
+        assert fits.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE  # exactly
+        small = build_cluster(big, endpoint_dicts(2, weight=128))
+        assert small.ring_hash_lb_config.minimum_ring_size.value == 2 * 128 * 4096
+        build_cluster(big, endpoint_dicts(17, weight=128))
+    assert len([r for r in caplog.records if "pools/big" in r.getMessage()]) == 1
+
+
+def test_default_fits_65536_weight_units_unclamped() -> None:
+    # 8 Mi / 128 = 65,536 weight units: e.g. 16,384 hosts of weight 4 keep the guarantee.
+    assert MAX_RING_SIZE // DEFAULT_POINTS == 65536
+    pool = Pool(name="wide", models=("m",))
+    cluster = build_cluster(pool, endpoint_dicts(512, weight=128))
+    assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE
 
 
 @pytest.mark.parametrize(
@@ -407,18 +452,60 @@ def test_listener_shape() -> None:
     hcm = hcm_of(listener)
     assert hcm.rds.route_config_name == ROUTE_CONFIG_NAME
     assert hcm.rds.config_source.HasField("ads")
-    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.lua",
+    assert [f.name for f in hcm.http_filters] == [LUA_FILTER_CONFIG_NAME,
                                                   "envoy.filters.http.router"]
     assert hcm.HasField("request_timeout") and hcm.request_timeout.ToMilliseconds() == 0
     assert hcm.stream_idle_timeout.ToMilliseconds() == 900_000
 
 
 def test_listener_lua_source() -> None:
+    # The source travels over ECDS, as the TypedExtensionConfig the listener's filter names.
     settings = GatewaySettings(max_body_bytes=4096)
-    listener = build_listener(settings)
+    config = build_lua_filter_config(settings)
+    assert config.name == LUA_FILTER_CONFIG_NAME == "hotpath-lua"
+    assert config.typed_config.type_url == LUA_TYPE_URL
     lua = lua_pb2.Lua()
-    assert hcm_of(listener).http_filters[0].typed_config.Unpack(lua)
+    assert config.typed_config.Unpack(lua)
     assert lua.default_source_code.inline_string == render_lua_source(4096)
+    assert build_lua_filter_config(settings) is config  # cached: no re-serialization
+
+
+def test_listener_discovers_the_lua_filter_over_ads_ecds() -> None:
+    lua_filter = hcm_of(build_listener(GatewaySettings())).http_filters[0]
+    assert not lua_filter.HasField("typed_config")
+    discovery = lua_filter.config_discovery
+    assert discovery.config_source.HasField("ads")
+    assert discovery.config_source.resource_api_version == 2  # V3
+    assert list(discovery.type_urls) == [LUA_TYPE_URL]
+    # Until ECDS answers the listener warms; after the initial fetch timeout it serves this
+    # fail-closed default (a 503 that says why), never requests without the filter.
+    assert not discovery.apply_default_config_without_warming
+    default = lua_pb2.Lua()
+    assert discovery.default_config.Unpack(default)
+    assert "503" in default.default_source_code.inline_string
+    assert "filter_not_loaded" in default.default_source_code.inline_string
+
+
+def test_listener_does_not_change_with_the_lua_source(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    # A new filter version is an ECDS update: the listener (and every open stream) stays.
+    before = build_listener(GatewaySettings(max_body_bytes=4096))
+    old_source = build_lua_filter_config(GatewaySettings(max_body_bytes=4096))
+    for name in ("hotpath.lua", "filter.lua"):
+        (tmp_path / name).write_text(lua_asset(name) + "\n-- patched\n")
+    monkeypatch.setenv(LUA_DIR_ENV, str(tmp_path))
+    build_lua_filter_config.cache_clear()
+    try:
+        after = build_listener(GatewaySettings(max_body_bytes=4096))
+        new_source = build_lua_filter_config(GatewaySettings(max_body_bytes=4096))
+    finally:
+        build_lua_filter_config.cache_clear()
+    assert after.SerializeToString(deterministic=True) == before.SerializeToString(
+        deterministic=True)
+    assert new_source != old_source
+    lua = lua_pb2.Lua()
+    assert new_source.typed_config.Unpack(lua)
+    assert "-- patched" in lua.default_source_code.inline_string
 
 
 def test_listener_does_not_depend_on_pools() -> None:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
 from google.protobuf.message import Message
 
 from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool, Status, WarmState
+from control_plane.translate.listeners import build_lua_filter_config
+from control_plane.translate.lua import LUA_DIR_ENV, lua_asset
 from control_plane.translate.resources import translate
 from control_plane.xds import types
 from control_plane.xds.snapshot import (
@@ -63,7 +68,8 @@ def resources(config: Config | None = None, resolved: dict[tuple[str, str], str]
 
 def test_translate_names() -> None:
     out = resources()
-    assert list(out) == [types.CLUSTER, types.ENDPOINT, types.LISTENER, types.ROUTE]
+    assert list(out) == [types.CLUSTER, types.ENDPOINT, types.LISTENER,
+                         types.EXTENSION_CONFIG, types.ROUTE]
     assert list(out[types.CLUSTER]) == ["chat", "code"]
     assert all(c.name == n for n, c in out[types.CLUSTER].items())  # type: ignore[attr-defined]
     assert list(out[types.ENDPOINT]) == ["chat", "code"]  # endpoints of no pool: no resource
@@ -72,6 +78,7 @@ def test_translate_names() -> None:
     )
     assert list(out[types.LISTENER]) == ["hotpath"]
     assert list(out[types.ROUTE]) == ["hotpath"]
+    assert list(out[types.EXTENSION_CONFIG]) == ["hotpath-lua"]
     assert isinstance(out[types.CLUSTER]["chat"], cluster_pb2.Cluster)
     assert isinstance(out[types.ENDPOINT]["chat"], endpoint_pb2.ClusterLoadAssignment)
     assert isinstance(out[types.LISTENER]["hotpath"], listener_pb2.Listener)
@@ -118,6 +125,57 @@ def test_missing_eds_refused() -> None:
 def test_extra_eds_refused() -> None:
     with pytest.raises(InconsistentSnapshot, match="EDS"):
         check_consistent(without(resources(), types.CLUSTER, "code"))
+
+
+def test_missing_ecds_refused() -> None:
+    # The listener's Lua filter names its ECDS resource: without it the listener would warm
+    # for 15 s, then answer every request with the filter's fail-closed default (503).
+    with pytest.raises(InconsistentSnapshot, match=r"ECDS resources \[\] do not match "
+                       r"listener filters \['hotpath-lua'\]"):
+        check_consistent(without(resources(), types.EXTENSION_CONFIG, "hotpath-lua"))
+
+
+def test_extra_ecds_refused() -> None:
+    out = resources()
+    out[types.EXTENSION_CONFIG]["other"] = extension_pb2.TypedExtensionConfig(name="other")
+    with pytest.raises(InconsistentSnapshot, match="ECDS"):
+        check_consistent(out)
+
+
+def test_ecds_of_another_type_refused() -> None:
+    # Envoy would NACK it: the filter accepts only the Lua config type.
+    out = resources()
+    wrong = extension_pb2.TypedExtensionConfig(name="hotpath-lua")
+    wrong.typed_config.Pack(router_pb2.Router())
+    out[types.EXTENSION_CONFIG] = {"hotpath-lua": wrong}
+    with pytest.raises(InconsistentSnapshot, match="Router, not one of"):
+        check_consistent(out)
+
+
+def test_ecds_without_listener_refused() -> None:
+    out = without(resources(), types.LISTENER, "hotpath")
+    out[types.ROUTE] = {}
+    with pytest.raises(InconsistentSnapshot, match="ECDS"):
+        check_consistent(out)
+
+
+def test_lua_change_moves_only_ecds(monkeypatch: pytest.MonkeyPatch,
+                                    tmp_path: Path) -> None:
+    builder = SnapshotBuilder()
+    first = builder.update(resources(), 10)
+    assert first is not None
+    for name in ("hotpath.lua", "filter.lua"):
+        (tmp_path / name).write_text(lua_asset(name) + "\n-- v2\n")
+    monkeypatch.setenv(LUA_DIR_ENV, str(tmp_path))
+    build_lua_filter_config.cache_clear()
+    try:
+        second = builder.update(translate(make_config(), RESOLVED, SETTINGS, NOW), 11)
+    finally:
+        build_lua_filter_config.cache_clear()
+    assert second is not None
+    assert {t for t in types.PUSH_ORDER if first.version(t) != second.version(t)} == {
+        types.EXTENSION_CONFIG}
+    assert second.version(types.EXTENSION_CONFIG).startswith("11-")
 
 
 def test_static_cluster_needs_no_eds() -> None:
