@@ -42,6 +42,7 @@ def status_rows(state: ConfigState, hosts: list[EnvoyHost] | None, now: float,
     """One row per endpoint: config, prober status, real traffic (from the control planes)
     and Envoy's view, joined by pool/id."""
     config = state.config()
+    fleet = sum(len(members) for members in config.endpoints.values())
     by_host = {(h.cluster, h.hostname): h for h in hosts or []}
     rows: list[dict[str, Any]] = []
     for pool_name in sorted(set(config.pools) | set(config.endpoints)):
@@ -56,7 +57,7 @@ def status_rows(state: ConfigState, hosts: list[EnvoyHost] | None, now: float,
             interval = pool.warmup.interval_s if pool else 10.0
             warmth = "unknown"
             if status is not None:
-                warmth = status.state.value + (" (stale)" if is_stale(status, interval, now)
+                warmth = status.state.value + (" (stale)" if is_stale(status, interval, now, fleet)
                                                else "")
             host = by_host.get((pool_name, endpoint_id))
             seen = (traffic or {}).get((pool_name, endpoint_id), {})

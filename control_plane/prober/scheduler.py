@@ -294,7 +294,8 @@ class Scheduler:
             recorded = config.statuses.get(key[0], {}).get(key[1])
             warmth = machine.Warmth()
             if tracked is None and recorded is not None and \
-                    now - recorded.checked_at <= stale_after_s(pool.warmup.interval_s):
+                    now - recorded.checked_at <= stale_after_s(pool.warmup.interval_s,
+                                                               len(wanted)):
                 # Carry on from the record (a restart or a new leader): no flapping.
                 warmth = machine.Warmth(state=recorded.state, ttft_ms=recorded.ttft_ms)
             jitter = self._rng.uniform(0, min(MAX_JITTER_S, pool.warmup.interval_s / 2))
@@ -462,7 +463,8 @@ class Scheduler:
             if tracked.written is not None and (
                     recorded is None or tracked.written.checked_at > recorded.checked_at):
                 recorded = tracked.written  # ours, not yet seen back from the watch
-            if not machine.needs_write(tracked.warmth, recorded, now, pool.warmup.interval_s):
+            if not machine.needs_write(tracked.warmth, recorded, now, pool.warmup.interval_s,
+                                       len(self._tracked)):
                 continue
             assert tracked.warmth.state is not None
             actions.append(WriteStatus(key, Status(

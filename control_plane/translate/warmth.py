@@ -73,12 +73,14 @@ def stale_after_s(interval_s: float, endpoints: int = 0) -> float:
     pool, fleet-wide). Past ``STATUS_WRITE_BUDGET_PER_S x max(30 s, 3 intervals) / 2``
     endpoints (750 at the 10 s default) the bound grows to ``2 N / budget``, so the
     refreshes (every ``stale_after / 2``) stay at the budget: 400 s for 10,000 endpoints.
-    0 (the default) is the fixed ``max(30 s, 3 intervals)``. The prober's refresh rule and
-    every reader of staleness must pass the same count, or records refreshed on the longer
-    period go stale early on the shorter one.
+    0 is the fixed ``max(30 s, 3 intervals)``. The count is rounded up to a power of two, so
+    the bound moves rarely (a membership change does not re-translate every pool) and a
+    prober tracking fewer endpoints than the control plane sees (endpoints without a pool)
+    never refreshes later than the control plane's bound.
     """
     fixed = max(STALE_FLOOR_S, STALE_INTERVALS * interval_s)
-    return max(fixed, 2 * endpoints / STATUS_WRITE_BUDGET_PER_S)
+    fleet = 1 << (endpoints - 1).bit_length() if endpoints > 0 else 0
+    return max(fixed, 2 * fleet / STATUS_WRITE_BUDGET_PER_S)
 
 
 def is_stale(status: Status, interval_s: float, now: float, endpoints: int = 0) -> bool:

@@ -305,9 +305,11 @@ def test_stale_threshold_follows_the_pool_interval() -> None:
 # --- the status write budget ------------------------------------------------------------------
 
 
+# The count is rounded up to a power of two: 1,000 -> 1,024, 10,000 -> 16,384.
 @pytest.mark.parametrize(("interval", "endpoints", "stale"), [
-    (10.0, 0, 30.0), (10.0, 100, 30.0), (10.0, 750, 30.0), (10.0, 1000, 40.0),
-    (10.0, 10_000, 400.0), (20.0, 1500, 60.0), (20.0, 10_000, 400.0), (300.0, 10_000, 900.0),
+    (10.0, 0, 30.0), (10.0, 100, 30.0), (10.0, 512, 30.0), (10.0, 1000, 40.96),
+    (10.0, 10_000, 655.36), (20.0, 1500, 81.92), (20.0, 10_000, 655.36),
+    (300.0, 10_000, 900.0),
 ])
 def test_stale_after_grows_with_the_fleet(interval: float, endpoints: int,
                                           stale: float) -> None:
@@ -331,8 +333,8 @@ def test_needs_write_with_the_fleet_count() -> None:
 
     record = Status("p", "e", COLD, 1500.0, NOW - 100)
     assert needs_write(Warmth(state=COLD), record, NOW, 10.0)  # fixed rule: 15 s
-    assert not needs_write(Warmth(state=COLD), record, NOW, 10.0, endpoints=10_000)  # 200 s
-    assert needs_write(Warmth(state=COLD), Status("p", "e", COLD, 1.0, NOW - 200), NOW, 10.0,
+    assert not needs_write(Warmth(state=COLD), record, NOW, 10.0, endpoints=10_000)  # 328 s
+    assert needs_write(Warmth(state=COLD), Status("p", "e", COLD, 1.0, NOW - 400), NOW, 10.0,
                        endpoints=10_000)
     assert needs_write(Warmth(state=WARM), record, NOW, 10.0, endpoints=10_000)  # a change
     # The control plane's side of the same count: 100 s old is still cold at 10,000.
