@@ -156,8 +156,10 @@ async def test_responses_api_with_the_openai_sdk(stack: Stack, agents: AgentUpst
     # A 5-turn stateless conversation (the whole history every turn) stays on one upstream.
     history: list[dict[str, Any]] = [{"role": "user", "content": "conversation-r7: fix the bug"}]
     for turn in range(5):
-        reply = await client.responses.create(model="agent-model", instructions=SYSTEM,
-                                              input=history, stream=False)
+        reply = await client.responses.create(  # type: ignore[assignment]
+            model="agent-model", instructions=SYSTEM,
+            input=history,  # type: ignore[arg-type]
+            stream=False)
         history += [{"role": "assistant", "content": reply.output_text},
                     {"role": "user", "content": f"turn {turn} of conversation-r7"}]
     assert len(server_of(agents, "responses", "conversation-r7")) == 1

@@ -181,7 +181,9 @@ async def wait_envoy(stack: Stack, want: dict[str, str], timeout: float = 20) ->
             return time.monotonic()
         return None
 
-    return await asyncio.to_thread(wait_for, check, timeout, f"Envoy health {want}", 0.02)
+    found: float = await asyncio.to_thread(
+        wait_for, check, timeout, f"Envoy health {want}", 0.02)  # type: ignore[arg-type]
+    return found
 
 
 async def served(session: aiohttp.ClientSession, stack: Stack, key: str) -> str:

@@ -143,7 +143,8 @@ async def stored_table(stack: Stack, model: str) -> dict[str, Any] | None:
     return json.loads(reply.kvs[0].value) if reply.kvs else None
 
 
-def expected(table: dict[str, Any], key: str) -> str:
+def expected(table: dict[str, Any] | None, key: str) -> str:
+    assert table is not None
     return str(table["arms"][int(table["slots"][slot(key)], 16)])
 
 

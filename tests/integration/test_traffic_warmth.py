@@ -111,7 +111,7 @@ class Sessions:
         self.landed: list[tuple[float, str]] = []  # (started at, server)
         self.failed: list[tuple[str, str]] = []
         self._ids = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[str | None]] = set()
 
     async def one(self, body_bytes: int = 0, timeout: float = 60) -> str | None:
         key = f"s-{next(self._ids)}"

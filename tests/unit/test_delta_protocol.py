@@ -298,7 +298,7 @@ def test_filter_change_sends_only_ecds() -> None:
     # Only the Lua source differs (the buffer limit, in the listener, is kept): ECDS alone.
     listener_first = first.resources[LDS]
     changed = {t: dict(r) for t, r in first.resources.items()}
-    changed[ECDS] = translated(6, max_body_bytes=2048).resources[ECDS]
+    changed[ECDS] = dict(translated(6, max_body_bytes=2048).resources[ECDS])
     changed[LDS] = dict(listener_first)
     second = builder.update(changed, 6)
     assert second is not None

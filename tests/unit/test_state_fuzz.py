@@ -180,7 +180,7 @@ def model_key(raw_key: bytes) -> str | None:
     return key if key.isprintable() else None
 
 
-def valid(key: str, value: bytes) -> Pool | Endpoint | Status | None:
+def valid(key: str, value: bytes) -> object | None:
     try:
         return parse_value(key, value)
     except ConfigError:
