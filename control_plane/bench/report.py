@@ -72,12 +72,24 @@ class StrategyReport:
     probe_requests: int | None = None  # generations the servers ran that no client asked for
     probe_tokens: int | None = None  # their prompt + generated tokens
     first_error: str | None = None
+    # The slow-server scenario (None otherwise): which server turned slow, when (scenario s
+    # after the first session), the TTFT of turns sent from then on, how many of them the slow
+    # server answered, and when it answered the last (scenario s after turning slow).
+    slow_server: str | None = None
+    slow_from_s: float | None = None
+    after_slow_ttft_s: Percentiles | None = None
+    after_slow_turns: int | None = None
+    slow_server_turns: int | None = None
+    slow_server_last_s: float | None = None
 
 
 def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scale: float,
               cold_ttft_s: float, truncated: bool = False,
-              servers: Mapping[str, ServerCounters] | None = None) -> StrategyReport:
-    """One strategy's numbers. `cold_ttft_s` is in scenario seconds."""
+              servers: Mapping[str, ServerCounters] | None = None,
+              slow_server: str | None = None, slow_from_s: float | None = None
+              ) -> StrategyReport:
+    """One strategy's numbers. `cold_ttft_s` and `slow_from_s` (when `slow_server`, the name
+    its answers carry, turned slow) are in scenario seconds from the first session."""
     rows = list(results)
     good = [r for r in rows if r.ok]
     scale = 1 / time_scale
@@ -99,6 +111,8 @@ def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scal
         per_server=dict(sorted(Counter(r.server or "?" for r in good).items())),
         first_error=next((r.error for r in rows if r.error), None),
     )
+    if slow_server is not None and slow_from_s is not None:
+        slow_after(report, good, slow_server, slow_from_s, time_scale)
     if servers:
         report.cold_starts = sum(s.cold_starts for s in servers.values())
         served = sum(s.requests for s in servers.values())
@@ -108,6 +122,22 @@ def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scal
         total_tokens = sum(s.prompt_tokens + s.generation_tokens for s in servers.values())
         report.probe_tokens = max(0, total_tokens - client_tokens)
     return report
+
+
+def slow_after(report: StrategyReport, good: Sequence[TurnResult], server: str, from_s: float,
+               time_scale: float) -> None:
+    """Fill the slow-server fields from the successful turns: those sent at or after the
+    server turned slow, and which of them it answered."""
+    scale = 1 / time_scale
+    after = [r for r in good if r.sent_at_s * scale >= from_s]
+    on_slow = [r for r in after if r.server == server]
+    report.slow_server, report.slow_from_s = server, from_s
+    report.after_slow_turns = len(after)
+    report.after_slow_ttft_s = Percentiles.of([r.ttft_s * scale for r in after
+                                               if r.ttft_s is not None])
+    report.slow_server_turns = len(on_slow)
+    report.slow_server_last_s = (max(r.sent_at_s * scale for r in on_slow) - from_s
+                                 if on_slow else None)
 
 
 def unavailable(name: str, label: str, note: str) -> StrategyReport:
@@ -226,6 +256,23 @@ def format_strategies(strategies: Sequence[StrategyReport]) -> str:
     return "\n".join([_table(header, rows), *notes])
 
 
+def format_slow(strategies: Sequence[StrategyReport]) -> str:
+    """The slow-server table: TTFT of the turns sent after the server turned slow, and how
+    long each strategy kept sending turns to it. Empty outside that scenario."""
+    runs = [s for s in strategies if s.available and s.slow_from_s is not None]
+    if not runs:
+        return ""
+    header = ["strategy", "slow from s", "turns after", "TTFT p50/p95/p99 s after",
+              "on slow server", "last one on it, s after"]
+    rows = []
+    for s in runs:
+        t = s.after_slow_ttft_s or Percentiles(None, None, None)
+        rows.append([s.label, _f(s.slow_from_s, 0), str(s.after_slow_turns),
+                     f"{_f(t.p50)}/{_f(t.p95)}/{_f(t.p99)}", str(s.slow_server_turns),
+                     _f(s.slow_server_last_s, 0)])
+    return _table(header, rows)
+
+
 def format_overhead(overhead: Sequence[OverheadReport]) -> str:
     header = ["gateway", "p50 ms", "p99 ms", "added p50/p99 ms", "max req/s", "p99 ms @max",
               "errors"]
@@ -252,6 +299,11 @@ def format_targets(found: Sequence[Target]) -> str:
 def format_report(report: Mapping[str, Any]) -> str:
     parts = ["Chat replay (latencies in scenario seconds):",
              format_strategies(report["strategies_obj"])]
+    slow = format_slow(report["strategies_obj"])
+    if slow:
+        what = report.get("slow_server") or {}
+        parts += ["", f"Slow server (the last one; every first token +{what.get('ttft_s', '?')}"
+                      f" s from {what.get('at_s', '?')} s on):", slow]
     if report["overhead_obj"]:
         parts += ["", "Gateway overhead (static upstream, POST bodies, rotating session ids):",
                   format_overhead(report["overhead_obj"])]
@@ -262,9 +314,11 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def build_report(meta: Mapping[str, Any], strategies: Sequence[StrategyReport],
-                 overhead: Sequence[OverheadReport]) -> dict[str, Any]:
-    """The JSON document; the *_obj keys hold the objects for formatting and are not saved."""
-    found = targets(strategies, overhead)
+                 overhead: Sequence[OverheadReport], with_targets: bool = True
+                 ) -> dict[str, Any]:
+    """The JSON document; the *_obj keys hold the objects for formatting and are not saved.
+    The issue's targets are for the default scenario: `with_targets` False leaves them out."""
+    found = targets(strategies, overhead) if with_targets else []
     return {
         "schema": SCHEMA,
         **meta,

@@ -46,14 +46,22 @@ from control_plane.bench.strategies import (
     StrategySpec,
     prime,
     prober_command,
+    prober_env,
     scrape,
     start_sims,
 )
-from control_plane.bench.workload import Scenario, Workload, balanced_assignment, generate
+from control_plane.bench.workload import (
+    Scenario,
+    SlowServer,
+    Workload,
+    balanced_assignment,
+    generate,
+)
 from control_plane.errors import BenchError, UsageError
 from control_plane.runtime.supervisor import ProcessGroup
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import DEFAULT_MODEL
+from control_plane.traffic.judge import DEFAULT_PREFILL_MS_PER_KIB
 
 DEFAULT_TIME_SCALE = 0.03  # ~16 s of wall time per strategy for the default scenario
 # Servers unload the model after 20 s without a request (scale-to-zero, idle model unloading):
@@ -62,6 +70,17 @@ DEFAULT_TIME_SCALE = 0.03  # ~16 s of wall time per strategy for the default sce
 # each server while few sessions are active.
 DEFAULT_IDLE_TO_COLD_S = 20.0
 DEFAULT_STRATEGIES = tuple(s.name for s in STRATEGIES)
+# The slow-server scenario: one server turns slow while serving; the oracle is no bound then
+# (it deals sessions to the slow server too) and least request is left out to keep it short.
+SLOW_STRATEGIES = ("round_robin", "ring_hash", "ring_hash_prober", "ring_hash_traffic",
+                   "nginx-hash", "vllm-router", "sglang-router")
+SCENARIOS = ("default", "slow-server")
+DEFAULT_SLOW_AT_S = 120.0  # scenario seconds after the first session
+DEFAULT_SLOW_TTFT_S = 8.0
+# Wall seconds from the servers' start to the end of a strategy's setup (registration, Envoy
+# converging, starting a peer), fixed in the slow-server scenario so that the server turns
+# slow at the same scenario time in every strategy: its clock starts with its process.
+SLOW_SETUP_S = 4.0
 ORACLE_NEVER_COLD_S = 1e9
 LEAD_S = 20.0  # scenario seconds between registering the servers and the first session
 PROBE_INTERVAL_S = 10.0  # scenario seconds between probes of one server
@@ -75,6 +94,7 @@ class BenchConfig:
         time_scale=DEFAULT_TIME_SCALE, idle_to_cold_s=DEFAULT_IDLE_TO_COLD_S))
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     backends: tuple[str, ...] = ()  # real OpenAI-compatible URLs: no simulator then
+    slow: SlowServer | None = None  # the slow-server scenario (simulator only)
     model: str = DEFAULT_MODEL
     session_header: bool = True
     cold_ttft_s: float | None = None  # scenario seconds; None: half a simulated cold start
@@ -179,19 +199,35 @@ class Runner:
         self.cfg = cfg
         self.group = group
         self.progress = progress
-        self.stack: HotpathStack | None = None
+        self.stack: HotpathStack | None = None  # one at a time: with or without the stream
         self.endpoint_ids: list[str] = []
         self.upstream_kind = ""
+        self.started: list[subprocess.Popen[bytes]] = []  # this strategy's children
 
-    async def ensure_stack(self) -> HotpathStack:
+    async def ensure_stack(self, traffic_stream: bool | None = None) -> HotpathStack:
+        """The running stack, or a new one with Envoy's traffic stream on or off (None:
+        either will do; a new one streams, as the product does by default). Switching kinds
+        restarts the control plane and Envoy on the same etcd."""
+        if self.stack is not None and traffic_stream is not None \
+                and self.stack.traffic_stream != traffic_stream:
+            self.progress.stage("restarting the control plane and Envoy")
+            etcd_url = self.stack.etcd_url
+            await self.stack.stop()
+            self.stack, self.endpoint_ids = None, []
+            return await self._start_stack(etcd_url, traffic_stream)
         if self.stack is None:
-            self.progress.stage("starting etcd, control plane and Envoy")
-            stack = HotpathStack(self.group, self.cfg.etcd, self.cfg.prefix)
-            await stack.start()
-            await stack.put_pools({BENCH_POOL: {"models": [self.cfg.model]},
-                                   STATIC_POOL: {"models": [STATIC_MODEL]}})
-            self.stack = stack
+            return await self._start_stack(self.cfg.etcd, traffic_stream is not False)
         return self.stack
+
+    async def _start_stack(self, etcd_url: str | None, traffic_stream: bool) -> HotpathStack:
+        self.progress.stage("starting etcd, control plane and Envoy" if etcd_url is None
+                            else "starting the control plane and Envoy")
+        stack = HotpathStack(self.group, etcd_url, self.cfg.prefix, traffic_stream)
+        await stack.start()
+        await stack.put_pools({BENCH_POOL: {"models": [self.cfg.model]},
+                               STATIC_POOL: {"models": [STATIC_MODEL]}})
+        self.stack = stack
+        return stack
 
     def availability(self, spec: StrategySpec) -> str | None:
         """Why the strategy cannot run here, or None."""
@@ -201,6 +237,42 @@ class Runner:
                 return f"{peer.binary} not found (install: {peer.install})"
         return None
 
+    async def servers(self, spec: StrategySpec) -> tuple[list[Backend], float | None]:
+        """Fresh simulated servers for one strategy (started children go to self.started);
+        (backends, when the slow one started on the event loop's clock, or None)."""
+        cfg = self.cfg
+        params = cfg.sim
+        if spec.kind == "oracle":  # by definition every turn meets a warm server
+            params = dataclasses.replace(params, idle_to_cold_s=ORACLE_NEVER_COLD_S)
+        if cfg.slow is None:
+            backends, sims = await start_sims(self.group, f"sim-{spec.name}", cfg.servers,
+                                              params, cfg.model)
+            self.started.append(sims)
+            return backends, None
+        # The last server runs in a process of its own that turns slow on its own clock,
+        # SLOW_SETUP_S + the lead + at_s after it started; the others keep their seeds.
+        scale = cfg.time_scale
+        slow_params = dataclasses.replace(
+            params, seed=params.seed + cfg.servers - 1, slow_ttft_s=cfg.slow.ttft_s,
+            slow_after_s=(SLOW_SETUP_S + self.lead_s) / scale + cfg.slow.at_s)
+        loop = asyncio.get_running_loop()
+
+        async def slow_one() -> tuple[list[Backend], subprocess.Popen[bytes], float]:
+            found, child = await start_sims(self.group, f"sim-{spec.name}-slow", 1,
+                                            slow_params, cfg.model)
+            return found, child, loop.time()
+
+        others, (slow, slow_child, slow_started) = await asyncio.gather(
+            start_sims(self.group, f"sim-{spec.name}", cfg.servers - 1, params, cfg.model),
+            slow_one())
+        self.started += [others[1], slow_child]
+        return [*others[0], *slow], slow_started
+
+    @property
+    def lead_s(self) -> float:
+        """Wall seconds between registering the servers and the first session."""
+        return min(LEAD_S * self.cfg.time_scale, 5.0)
+
     async def strategy(self, spec: StrategySpec, workload: Workload) -> StrategyReport:
         cfg = self.cfg
         why = self.availability(spec)
@@ -208,26 +280,29 @@ class Runner:
             self.progress.skip(workload.turn_count)
             return unavailable(spec.name, spec.label, why)
         self.progress.stage(f"{spec.label}: starting")
-        started: list[subprocess.Popen[bytes]] = []
+        self.started = []
+        loop = asyncio.get_running_loop()
         try:
+            stack = None
+            if spec.kind == "hotpath":  # before the servers: a restart is no part of setup
+                stack = await self.ensure_stack(spec.traffic if spec.prober else None)
+            slow_started: float | None = None
             if cfg.backends:
                 backends = _backends_from_urls(cfg.backends)
             else:
-                params = cfg.sim
-                if spec.kind == "oracle":  # by definition every turn meets a warm server
-                    params = dataclasses.replace(params, idle_to_cold_s=ORACLE_NEVER_COLD_S)
-                backends, sims = await start_sims(self.group, f"sim-{spec.name}", cfg.servers,
-                                                  params, cfg.model)
-                started.append(sims)
+                backends, slow_started = await self.servers(spec)
             route: Route
-            if spec.kind == "hotpath":
-                stack = await self.ensure_stack()
+            if stack is not None:
                 self.endpoint_ids = await stack.switch(
                     BENCH_POOL, _pool_value(cfg, spec, workload.system_prompt), backends,
                     self.endpoint_ids)
                 if spec.prober:
-                    started.append(self.group.start(f"prober-{spec.name}",
-                                                    prober_command(stack)))
+                    self.started.append(self.group.start(
+                        f"prober-{spec.name}",
+                        prober_command(stack, traffic=spec.traffic,
+                                       prefill_ms_per_kib=DEFAULT_PREFILL_MS_PER_KIB
+                                       * cfg.time_scale),
+                        env=prober_env()))
                 url = stack.url
                 route = lambda _s: url  # noqa: E731 - one URL for every session
             elif spec.kind == "oracle":
@@ -247,32 +322,52 @@ class Runner:
                 except BenchError as exc:  # a peer that does not start is reported, not fatal
                     self.progress.skip(workload.turn_count)
                     return unavailable(spec.name, spec.label, f"did not start: {exc}"[:500])
-                started.append(child)
+                self.started.append(child)
                 route = lambda _s: url  # noqa: E731
             # Servers are registered this long before the first session, in every strategy:
-            # a prober can use it to prime them; for everyone else they just stay cold.
+            # a prober can use it to prime them; for everyone else they just stay cold. In
+            # the slow-server scenario the first session comes SLOW_SETUP_S + the lead after
+            # the slow server started (later when the setup took longer).
             self.progress.stage(f"{spec.label}: servers registered, traffic starts soon")
-            await asyncio.sleep(min(LEAD_S * cfg.time_scale, 5.0))  # real time: at most 5 s
+            wait = self.lead_s
+            if slow_started is not None:
+                wait = max(wait, slow_started + SLOW_SETUP_S + self.lead_s - loop.time())
+            await asyncio.sleep(wait)
             self.progress.stage(f"{spec.label}: replaying")
             settings = ReplaySettings(
                 model=cfg.model, time_scale=cfg.time_scale,
                 session_header="x-session-id" if cfg.session_header else None,
                 request_timeout_s=max(30.0, 120.0 * cfg.time_scale),
                 deadline_s=cfg.deadline_s)
+            t0 = loop.time()
             results, truncated = await replay(workload, route, settings, self.progress.turn)
             self.progress.skip(workload.turn_count - len(results))
             counters = None if cfg.backends else await scrape(backends)
+            slow_name = slow_from = None
+            if slow_started is not None and cfg.slow is not None:
+                slow_name = backends[-1].name
+                # When it turned slow, in scenario seconds after the first session.
+                slow_from = cfg.slow.at_s + (slow_started + SLOW_SETUP_S + self.lead_s
+                                             - t0) / cfg.time_scale
             report = summarize(spec.name, spec.label, results, time_scale=cfg.time_scale,
                                cold_ttft_s=cfg.cold_threshold_s, truncated=truncated,
-                               servers=counters)
+                               servers=counters, slow_server=slow_name, slow_from_s=slow_from)
             if spec.kind == "oracle" and report.probe_requests is not None:
                 report.probe_requests = 0  # priming is the oracle's premise, not a probe cost
                 report.probe_tokens = 0
                 report.note = "servers primed before the replay; sessions dealt in turn"
+                if cfg.slow is not None:
+                    report.note += " (the slow server too: no bound here)"
+            if slow_from is not None and cfg.slow is not None \
+                    and abs(slow_from - cfg.slow.at_s) > 5:
+                report.note = (f"{report.note}; " if report.note else "") + (
+                    f"setup took longer than {SLOW_SETUP_S:g} s: the server turned slow at "
+                    f"{slow_from:.0f} s")
             return report
         finally:
-            for child in reversed(started):
+            for child in reversed(self.started):
                 await asyncio.to_thread(self.group.stop, child)
+            self.started = []
 
     async def overhead(self) -> list[OverheadReport]:
         cfg = self.cfg
@@ -285,7 +380,7 @@ class Runner:
         step = self.progress.stage
         reports.append(await ov.measure(gen, "direct", "direct (no gateway)", upstream[0].url,
                                         settings, step))
-        stack = await self.ensure_stack()
+        stack = await self.ensure_stack(traffic_stream=True)  # the product's default
         await stack.switch(STATIC_POOL, {"models": [STATIC_MODEL], "lb": "ring_hash"}, upstream)
         reports.append(await ov.measure(gen, "hotpath", "hotpath (Envoy ring hash)", stack.url,
                                         settings, step))
@@ -331,6 +426,8 @@ def _meta(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
         "cold_ttft_threshold_s": cfg.cold_threshold_s,
         "session_header": cfg.session_header,
         "load_generator": "wrk" if shutil.which("wrk") else "python (aiohttp)",
+        "slow_server": None if cfg.slow is None else {
+            "index": cfg.servers - 1, "at_s": cfg.slow.at_s, "ttft_s": cfg.slow.ttft_s},
     }
 
 
@@ -339,8 +436,11 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
     unknown = [s for s in cfg.strategies if s not in BY_NAME]
     if unknown:
         raise BenchError(f"unknown strategies {unknown}; known: {', '.join(BY_NAME)}")
+    if cfg.slow is not None and (cfg.backends or cfg.servers < 2):
+        raise BenchError("the slow-server scenario needs the simulator and at least 2 servers")
     workload = generate(cfg.scenario)
-    workdir = cfg.out_dir / "logs"
+    # Absolute: nginx resolves relative paths against its prefix, which is in this folder.
+    workdir = (cfg.out_dir / "logs").resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -357,7 +457,8 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
             strategies.append(report)
             if report.available:
                 hit = report.prefix_hit_ratio
-                progress.note(f"{report.label}: p95 e2e {report.e2e_s.p95 or 0:.2f}s, "
+                progress.note(f"{report.label}: p95 TTFT {report.ttft_s.p95 or 0:.2f}s, "
+                              f"p95 e2e {report.e2e_s.p95 or 0:.2f}s, "
                               f"prefix hit {'-' if hit is None else f'{100 * hit:.1f}%'}, "
                               f"{report.cold_hits} cold hits, {report.errors} errors")
             else:
@@ -369,7 +470,7 @@ async def run_bench(cfg: BenchConfig, progress_out: TextIO | None = sys.stderr
         await asyncio.to_thread(group.close)
     meta = _meta(cfg, workload)
     meta["overhead_upstream"] = runner.upstream_kind or None
-    return build_report(meta, strategies, overhead)
+    return build_report(meta, strategies, overhead, with_targets=cfg.slow is None)
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -410,9 +511,23 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--cold-ttft", type=float, default=None,
                    help="a TTFT at least this long (scenario s) counts as a cold hit "
                         "(default: half a cold start; 3 s for real backends)")
+    sc = parser.add_argument_group("scenario")
+    sc.add_argument("--scenario", choices=SCENARIOS, default="default",
+                    help="slow-server: the last server turns slow while serving (every first "
+                         f"token +{DEFAULT_SLOW_TTFT_S:g} s from {DEFAULT_SLOW_AT_S:g} s on), "
+                         f"strategies {','.join(SLOW_STRATEGIES)}, no overhead run "
+                         "(default: %(default)s)")
+    sc.add_argument("--slow-server-at", type=float, default=None, metavar="S",
+                    help="the last server turns slow S scenario seconds after the first "
+                         "session (implies --scenario slow-server)")
+    sc.add_argument("--slow-ttft", type=float, default=None, metavar="S",
+                    help="how much later a slow server sends each first token "
+                         f"(default {DEFAULT_SLOW_TTFT_S:g})")
     r = parser.add_argument_group("run")
-    r.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
-                   help="comma-separated, in order (default: all: %(default)s)")
+    r.add_argument("--strategies", default=None,
+                   help="comma-separated, in order (default: all: "
+                        f"{','.join(DEFAULT_STRATEGIES)}; slow-server: "
+                        f"{','.join(SLOW_STRATEGIES)})")
     r.add_argument("--no-session-header", action="store_true",
                    help="send no x-session-id: hotpath derives the key from the prompt "
                         "(nginx and vllm-router then cannot pin)")
@@ -446,15 +561,24 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     sim = SimParams(time_scale=args.time_scale, cold_start_s=args.cold_start,
                     idle_to_cold_s=args.idle_to_cold, cache_tokens=args.cache_tokens,
                     seed=args.seed)
-    strategies = tuple(n.strip() for n in args.strategies.split(",") if n.strip())
+    slow = None
+    if args.scenario == "slow-server" or args.slow_server_at is not None:
+        slow = SlowServer(
+            at_s=DEFAULT_SLOW_AT_S if args.slow_server_at is None else args.slow_server_at,
+            ttft_s=DEFAULT_SLOW_TTFT_S if args.slow_ttft is None else args.slow_ttft)
+    elif args.slow_ttft is not None:
+        raise ValueError("--slow-ttft needs --scenario slow-server or --slow-server-at")
+    names = args.strategies or ",".join(SLOW_STRATEGIES if slow else DEFAULT_STRATEGIES)
+    strategies = tuple(n.strip() for n in names.split(",") if n.strip())
     if args.no_peers:
         strategies = tuple(n for n in strategies if BY_NAME.get(n, STRATEGIES[0]).peer is None)
     lat = max(1.0, 0.6 * args.overhead_seconds)
     return BenchConfig(
         scenario=scenario, servers=args.servers, sim=sim, strategies=strategies,
-        backends=tuple(args.backend), model=args.model or DEFAULT_MODEL,
+        backends=tuple(args.backend), model=args.model or DEFAULT_MODEL, slow=slow,
         session_header=not args.no_session_header, cold_ttft_s=args.cold_ttft,
-        deadline_s=args.deadline, peers_bin=args.peers_bin, overhead=not args.no_overhead,
+        deadline_s=args.deadline, peers_bin=args.peers_bin,
+        overhead=not args.no_overhead and slow is None,
         overhead_settings=ov.OverheadSettings(latency_seconds=lat,
                                               throughput_seconds=args.overhead_seconds,
                                               connections=args.overhead_connections,

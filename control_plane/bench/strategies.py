@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,10 @@ class StrategySpec:
     lb: str | None = None  # hotpath: the pool's lb
     prober: bool = False
     peer: str | None = None
+    # hotpath + prober: whether warmth also comes from real traffic (Envoy streams its
+    # timings to the control plane, the prober reads its /traffic window) or from probes
+    # only (control plane with --no-traffic-stream, prober without --traffic).
+    traffic: bool = False
 
 
 STRATEGIES = (
@@ -54,6 +59,8 @@ STRATEGIES = (
     StrategySpec("ring_hash", "hotpath ring hash", "hotpath", lb="ring_hash"),
     StrategySpec("ring_hash_prober", "hotpath ring hash + prober", "hotpath", lb="ring_hash",
                  prober=True),
+    StrategySpec("ring_hash_traffic", "hotpath ring hash + prober + traffic", "hotpath",
+                 lb="ring_hash", prober=True, traffic=True),
     StrategySpec("oracle", "oracle (warm, sticky, direct)", "oracle"),
     StrategySpec("nginx-hash", "nginx hash consistent", "peer", peer="nginx-hash"),
     StrategySpec("vllm-router", "vllm-router consistent_hash", "peer", peer="vllm-router"),
@@ -81,7 +88,8 @@ _SIM_LINE = re.compile(r"^sim (\S+) on http://([0-9.]+):(\d+) model", re.MULTILI
 
 async def start_sims(group: ProcessGroup, name: str, count: int, params: SimParams, model: str
                      ) -> tuple[list[Backend], subprocess.Popen[bytes]]:
-    """`count` fresh simulated servers in one child process; (backends, the process)."""
+    """`count` fresh simulated servers in one child process; (backends, the process). Server
+    i gets seed + i."""
     command = [sys.executable, "-m", "control_plane", "sim", "--count", str(count),
                "--port", "0", "--name", name, "--model", model]
     for f in dataclasses.fields(SimParams):
@@ -151,22 +159,38 @@ async def prime(backends: Sequence[Backend], model: str, system_prompt: str,
 
 
 class HotpathStack:
-    """etcd (embedded unless one is given), the control plane and one Envoy, on free ports."""
+    """etcd (embedded unless one is given), the control plane and one Envoy, on free ports.
+    The control plane serves its metrics (and its `/traffic` window) on `metrics_url`; with
+    `traffic_stream` off it runs with --no-traffic-stream. `stop` ends the control plane and
+    Envoy but not etcd, so a stack of the other kind can start on the same etcd."""
 
     def __init__(self, group: ProcessGroup, etcd_url: str | None = None,
-                 prefix: str = "/hotpath-bench/") -> None:
+                 prefix: str = "/hotpath-bench/", traffic_stream: bool = True) -> None:
         self.group = group
         self.etcd_url = etcd_url
         self.settings = EtcdSettings(urls=etcd_url or "", prefix=prefix)
+        self.traffic_stream = traffic_stream
         self.listen_port = 0
+        self.metrics_port = 0
         self.admin_url = ""
+        self._children: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.listen_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    async def stop(self) -> None:
+        for child in reversed(self._children):
+            await asyncio.to_thread(self.group.stop, child)
+        self._children = []
+
     async def start(self) -> None:
         g = self.group
+        suffix = "" if self.traffic_stream else "-no-stream"
         if self.etcd_url is None:
             client_port, peer_port = processes.free_port(), processes.free_port()
             self.etcd_url = f"http://127.0.0.1:{client_port}"
@@ -180,25 +204,31 @@ class HotpathStack:
         async with etcd_client(self.settings) as client:  # a fresh prefix: nothing left over
             await delete(client, self.settings, "", prefix=True)
         xds, self.listen_port = processes.free_port(), processes.free_port()
-        cp = g.start("control-plane", [
+        self.metrics_port = processes.free_port()
+        cp_name, envoy_name = f"control-plane{suffix}", f"envoy{suffix}"
+        cp = g.start(cp_name, [
             sys.executable, "-m", "control_plane", "control-plane", "--etcd", self.etcd_url,
             "--prefix", self.settings.prefix, "--xds", f"127.0.0.1:{xds}",
             "--listen", f"127.0.0.1:{self.listen_port}",
-            "--access-log", str((g.workdir / "envoy-access.log").resolve()),
-            "--metrics", "off"])
-        await g.wait("control-plane", cp, lambda: processes.port_open("127.0.0.1", xds), 30,
+            "--access-log", str((g.workdir / f"{envoy_name}-access.log").resolve()),
+            "--metrics", f"127.0.0.1:{self.metrics_port}",
+            *([] if self.traffic_stream else ["--no-traffic-stream"])])
+        self._children.append(cp)
+        await g.wait(cp_name, cp, lambda: processes.port_open("127.0.0.1", xds), 30,
                      "xDS port")
-        bootstrap = g.workdir / "envoy-bootstrap.yaml"
+        bootstrap = g.workdir / f"{envoy_name}-bootstrap.yaml"
         bootstrap.write_text(render_bootstrap(BootstrapSettings(
             node_id="hotpath-bench", xds_port=xds, admin_port=0)))
-        address = g.workdir / "envoy-admin.txt"
+        address = g.workdir / f"{envoy_name}-admin.txt"
         address.unlink(missing_ok=True)
-        envoy = g.start("envoy", processes.envoy_command(bootstrap, address))
-        await g.wait("envoy", envoy, lambda: address.exists() and address.read_text().strip(),
-                     30, "admin address")
+        envoy = g.start(envoy_name, processes.envoy_command(bootstrap, address))
+        self._children.append(envoy)
+        await g.wait(envoy_name, envoy,
+                     lambda: address.exists() and address.read_text().strip(), 30,
+                     "admin address")
         self.admin_url = f"http://{address.read_text().strip()}"
         port = self.listen_port
-        await g.wait("envoy", envoy, lambda: processes.port_open("127.0.0.1", port), 60,
+        await g.wait(envoy_name, envoy, lambda: processes.port_open("127.0.0.1", port), 60,
                      "listener")
 
     async def put_pools(self, pools: dict[str, dict[str, Any]]) -> None:
@@ -265,10 +295,24 @@ class HotpathStack:
         return ids
 
 
-def prober_command(stack: HotpathStack) -> list[str]:
-    """One prober, no election, no metrics port; Envoy's admin shows it real traffic so that
-    it never probes a server that is serving (the prober's own rule)."""
+def prober_command(stack: HotpathStack, traffic: bool = False,
+                   prefill_ms_per_kib: float | None = None) -> list[str]:
+    """One prober, no election, no metrics port. Envoy's admin shows it real traffic so that
+    it never probes a server that is serving (the prober's own rule). With `traffic` it also
+    reads the control plane's `/traffic` window and judges serving endpoints by the first
+    tokens they serve; `prefill_ms_per_kib` is on the servers' clock (scaled like them)."""
     assert stack.etcd_url is not None
-    return [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd_url,
-            "--prefix", stack.settings.prefix, "--admin", stack.admin_url, "--metrics", "off",
-            "--no-election"]
+    command = [sys.executable, "-m", "control_plane", "prober", "--etcd", stack.etcd_url,
+               "--prefix", stack.settings.prefix, "--admin", stack.admin_url,
+               "--metrics", "off", "--no-election"]
+    if traffic:
+        command += ["--traffic", stack.metrics_url]
+    if prefill_ms_per_kib is not None:
+        command += ["--prefill-ms-per-kib", f"{prefill_ms_per_kib:g}"]
+    return command
+
+
+def prober_env() -> dict[str, str]:
+    """The bench's environment without the prober's URL variables: a probe-only prober must
+    not pick up HOTPATH_TRAFFIC, nor either prober another stack's admin."""
+    return {k: v for k, v in os.environ.items() if k not in ("HOTPATH_TRAFFIC", "HOTPATH_ADMIN")}

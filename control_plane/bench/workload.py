@@ -63,6 +63,21 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class SlowServer:
+    """One server turns slow while it serves: from `at_s` scenario seconds after the first
+    session on, every first token it sends comes `ttft_s` later (headers still at once, as a
+    wedged vLLM does). It is the last server of the pool, in every strategy."""
+
+    at_s: float
+    ttft_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.at_s < 0 or self.ttft_s <= 0:
+            raise ValueError(f"need a slow server at >= 0 s with a TTFT > 0 s, got at "
+                             f"{self.at_s} s and {self.ttft_s} s")
+
+
+@dataclass(frozen=True)
 class Turn:
     user: str
     max_tokens: int

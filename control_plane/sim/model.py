@@ -31,6 +31,11 @@ class SimParams:
     seed: int = 0
     default_max_tokens: int = 16
     max_tokens_cap: int = 4096  # larger max_tokens are clamped to this
+    # A server that turns slow while it serves (a wedged engine, a throttled GPU): from
+    # slow_after_s after it started, every request's first token comes slow_ttft_s later
+    # than it otherwise would (headers still go out at once). slow_ttft_s 0: never slow.
+    slow_after_s: float = 0.0
+    slow_ttft_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -141,10 +146,11 @@ class Plan:
     cold_start_s: float  # waiting for the model to load (0 when warm)
     prefill_s: float  # the forward pass over the prompt; it yields the first token
     decode_s: float  # per further token
+    stall_s: float = 0.0  # a slow server's extra wait before the first token
 
     @property
     def ttft_s(self) -> float:
-        return self.cold_start_s + self.prefill_s
+        return self.cold_start_s + self.stall_s + self.prefill_s
 
     @property
     def total_s(self) -> float:
@@ -158,8 +164,9 @@ class Plan:
 class SimServer:
     """State of one simulated model server: warmth, prefix cache, counters."""
 
-    def __init__(self, params: SimParams) -> None:
+    def __init__(self, params: SimParams, started_at: float = 0.0) -> None:
         self.params = params
+        self.started_at = started_at  # on the callers' clock; slow_after_s counts from it
         self.cache = PrefixCache(params.cache_tokens, params.block_size)
         self._rng = random.Random(params.seed)
         self._busy_until: float | None = None  # planned end of the latest request; None: never
@@ -173,6 +180,11 @@ class SimServer:
         if self._busy_until is None:
             return True
         return now - self._busy_until >= self.params.idle_to_cold_s * self.params.time_scale
+
+    def is_slow(self, now: float) -> bool:
+        """Whether a request admitted now waits slow_ttft_s longer for its first token."""
+        p = self.params
+        return p.slow_ttft_s > 0 and now - self.started_at >= p.slow_after_s * p.time_scale
 
     def plan(self, prompt: Sequence[str], max_tokens: int, now: float, concurrent: int) -> Plan:
         """Admit a request at `now` with `concurrent` other requests running, and update the
@@ -199,7 +211,8 @@ class SimServer:
         decode_s = p.decode_ms_per_token / 1000 * slowdown
         # A forward pass never costs less than one decode step (weights are read once per pass).
         prefill_s = max(decode_s, (len(prompt) - cached) * p.prefill_ms_per_token / 1000 * slowdown)
-        plan = Plan(len(prompt), cached, completion, cold_start_s, prefill_s, decode_s)
+        stall_s = p.slow_ttft_s * noise if self.is_slow(now) else 0.0
+        plan = Plan(len(prompt), cached, completion, cold_start_s, prefill_s, decode_s, stall_s)
 
         end = now + plan.total_s
         self._busy_until = end if self._busy_until is None else max(self._busy_until, end)

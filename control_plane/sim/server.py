@@ -50,7 +50,8 @@ class SimState:
     def __init__(self, params: SimParams, name: str, models: Sequence[str]) -> None:
         if not models:
             raise ValueError("a sim server needs at least one model name")
-        self.sim = SimServer(params)
+        # asyncio's clock is time.monotonic(): slow_after_s counts from this server's start.
+        self.sim = SimServer(params, started_at=time.monotonic())
         self.name = name
         self.models = tuple(models)
         self.running = 0
@@ -484,6 +485,9 @@ _PARAM_HELP = {
     "seed": "random seed for jitter (server i uses seed + i)",
     "default_max_tokens": "max_tokens when a request gives none",
     "max_tokens_cap": "clamp larger max_tokens to this",
+    "slow_after_s": "with --slow-ttft-s: seconds after start from which the server is slow",
+    "slow_ttft_s": "once slow, every first token comes this many seconds later; headers still "
+    "go out at once (0: never slow)",
 }
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from control_plane.bench import BenchConfig, run_bench
-from control_plane.bench.report import write_json
-from control_plane.bench.workload import Scenario
+from control_plane.bench.report import format_report, write_json
+from control_plane.bench.workload import Scenario, SlowServer
 from control_plane.sim.model import SimParams
 from tests.harness import Etcd
 
@@ -53,3 +53,32 @@ async def test_bench_smoke_ring_hash_beats_round_robin_on_cache_hits(
     assert rh["prefix_hit_ratio"] >= 0.9
     assert by["oracle"]["cold_hits"] == 0
     assert data["targets"], "the issue's targets are reported"
+
+
+async def test_bench_smoke_slow_server_turns_slow_mid_run(
+        tmp_path: Path, etcd_server: Etcd, prefix: str) -> None:
+    """The slow-server scenario end to end: the last server's first tokens come 4 s late
+    from 5 s on, through Envoy (round robin reaches it for sure), and the traffic-warmth
+    variant runs with its own stack (traffic stream on, prober reading /traffic)."""
+    cfg = BenchConfig(
+        scenario=TINY, servers=3,
+        sim=SimParams(time_scale=0.1, cold_start_s=2.0, idle_to_cold_s=60.0, seed=7),
+        strategies=("round_robin", "ring_hash_traffic"), slow=SlowServer(at_s=5.0, ttft_s=4.0),
+        session_header=False, deadline_s=60, overhead=False, etcd=etcd_server.url,
+        prefix=prefix, out_dir=tmp_path)
+    report = await run_bench(cfg, progress_out=None)
+
+    assert report["slow_server"] == {"index": 2, "at_s": 5.0, "ttft_s": 4.0}
+    assert report["targets"] == []
+    by = {s["name"]: s for s in report["strategies"]}
+    for name in ("round_robin", "ring_hash_traffic"):
+        s = by[name]
+        assert s["available"] and s["ok"] == s["turns"] == 21, s
+        assert s["slow_server"] == "sim-" + name + "-slow-0"
+        assert s["slow_from_s"] == pytest.approx(5.0, abs=5.0)
+        assert s["after_slow_turns"] > 0
+    rr = by["round_robin"]
+    assert rr["slow_server_turns"] > 0
+    # Its turns after the onset waited the extra 4 s (jitter: +-5%) for their first token.
+    assert rr["after_slow_ttft_s"]["p99"] >= 3.5, rr
+    assert "Slow server" in format_report(report)

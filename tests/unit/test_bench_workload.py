@@ -79,4 +79,5 @@ def test_balanced_assignment_deals_sessions_evenly() -> None:
                                          ("max_turns", 1), ("min_think_s", -1)])
 def test_bad_scenarios_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValueError):
-        Scenario(**{field: value, "min_turns": 2} if field == "max_turns" else {field: value})
+        Scenario(**{field: value, "min_turns": 2} if field == "max_turns"  # type: ignore[arg-type]
+                 else {field: value})
