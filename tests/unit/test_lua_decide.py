@@ -42,7 +42,11 @@ def decide(
     method: bytes = b"POST",
 ) -> dict[str, Any] | None:
     hdrs = headers or {}
-    result = M.decide(CONFIG, method, path, lambda name: hdrs.get(name), body, lookup)
+    # A fresh Python callable per call: lupa 2.8 sometimes hands Lua a nil result for a
+    # Python function object passed in again and again under GC pressure (measured: ~6% of
+    # 20,000 calls with a module-level function, 0 with a new lambda each time).
+    result = M.decide(CONFIG, method, path, lambda name: hdrs.get(name), body,
+                      lambda model: lookup(model))
     return None if result is None else {k.decode(): v for k, v in result.items()}
 
 
