@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from control_plane.config.model import Config, Endpoint, GatewaySettings
 from control_plane.config.splits import shares
 from control_plane.config.state import ConfigState
+from control_plane.runtime.envoy_admin import fetch_json
 from control_plane.runtime.metrics import Family, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
-from control_plane.store.split_slots import SplitSlotsWriter
+from control_plane.store.split_slots import PEER_POLL_S, PeerSessions, SplitSlotsWriter
 from control_plane.traffic.service import AccessLogServicer
 from control_plane.traffic.window import TrafficWindow
 from control_plane.translate.resources import Translator, cached_is_ip
@@ -55,6 +56,9 @@ class ControlPlaneSettings:
     xds_address: str = "127.0.0.1:18000"
     metrics_address: str | None = "127.0.0.1:9101"  # None: no /metrics server
     xds_tls: XdsServerTls | None = None
+    # The other control planes' metrics URLs: the split leader counts their Envoys'
+    # active sessions too (each Envoy streams to one control plane).
+    peers: tuple[str, ...] = ()
 
 
 class Resolver:
@@ -121,10 +125,32 @@ class ControlPlane:
         self.traffic = AccessLogServicer(TrafficWindow(), self._endpoint_at)
         # Splits: the leader among control planes writes split-slots/<model>.
         identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.sessions = PeerSessions(self.traffic.window.active_sessions, len(settings.peers))
         self.split_writer = SplitSlotsWriter(settings.etcd, identity, self.state.config,
-                                             self.traffic.window.active_sessions,
-                                             self._split_models)
+                                             self.sessions, self._split_models)
         self._split_health: dict[str, str] = {}  # model -> what was last logged
+
+    def active_sessions_view(self) -> dict[str, list[str]]:
+        """``/sessions``: per pool, the session hashes this control plane's Envoys served
+        within the pool's ``session_ttl_s`` (for the split leader, when it is a peer)."""
+        now = time.time()
+        return {name: self.traffic.window.active_sessions(name, now, pool.session_ttl_s)
+                for name, pool in self.state.config().pools.items()}
+
+    async def _poll_peers(self) -> None:
+        logged: set[str] = set()
+        while self.settings.peers:
+            for url in self.settings.peers:
+                report = await asyncio.to_thread(fetch_json, f"{url.rstrip('/')}/sessions")
+                if report is None and url not in logged:
+                    logged.add(url)
+                    log.warning("peer control plane %s unreachable: no split slot moves "
+                                "until it answers", url)
+                elif report is not None and url in logged:
+                    logged.discard(url)
+                    log.info("peer control plane %s reachable again", url)
+                self.sessions.seen(url, report)
+            await asyncio.sleep(PEER_POLL_S)
 
     def _split_models(self) -> set[str]:
         return {key[len("splits/"):] for key in self.state.keys() if key.startswith("splits/")}
@@ -311,13 +337,15 @@ class ControlPlane:
         if self.settings.metrics_address is not None:
             host, _, port = self.settings.metrics_address.rpartition(":")
             metrics = await serve_metrics(host, int(port), self.collect, self.healthy,
-                                          {"/traffic": self.traffic.report})
+                                          {"/traffic": self.traffic.report,
+                                           "/sessions": self.active_sessions_view})
             log.info("metrics on http://%s/metrics", self.settings.metrics_address)
         tasks = [
             asyncio.create_task(self.follower.run(), name="etcd-follower"),
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),
             asyncio.create_task(self._refresh_dns(), name="dns"),
             asyncio.create_task(self.split_writer.run(), name="split-slots"),
+            asyncio.create_task(self._poll_peers(), name="peer-sessions"),
         ]
         if ready is not None:
             ready.set()

@@ -122,7 +122,8 @@ async def cmd_control_plane(args: argparse.Namespace, _: Shutdown) -> int:
                               traffic_stream=not args.no_traffic_stream)
     await run_control_plane(ControlPlaneSettings(
         etcd=etcd_settings(args), gateway=gateway, xds_address=args.xds,
-        metrics_address=args.metrics or None, xds_tls=_xds_server_tls(args)))
+        metrics_address=args.metrics or None, xds_tls=_xds_server_tls(args),
+        peers=tuple(args.peer or args.peer_default)))
     return 0
 
 
@@ -144,6 +145,12 @@ def configure_control_plane(p: argparse.ArgumentParser) -> None:
                    help="seconds without upstream bytes before 504 (default %(default)s)")
     p.add_argument("--access-log", default=GatewaySettings.access_log_path,
                    help="Envoy access log path (default %(default)s)")
+    p.add_argument("--peer", action="append", default=None, metavar="URL",
+                   help="another control plane's metrics URL (repeatable; env HOTPATH_PEERS, "
+                        "comma-separated): with several control planes, list the others on "
+                        "each, so the split leader keeps every Envoy's active sessions on "
+                        "their arm")
+    p.set_defaults(peer_default=urls_from_env("HOTPATH_PEERS"))
     p.add_argument("--no-traffic-stream", action="store_true",
                    help="do not have Envoy stream request timings to the control plane "
                         "(warmth then comes from probes only)")

@@ -73,9 +73,14 @@ def fetch_hosts(admin_url: str, timeout: float = 2.0) -> list[EnvoyHost] | None:
         return None
 
 
-def fetch_traffic(metrics_url: str, timeout: float = 2.0) -> Any:
-    """A control plane's ``/traffic`` window (traffic/service.py); None when unreachable."""
+def fetch_json(url: str, timeout: float = 2.0) -> Any:
+    """A JSON view (a control plane's ``/traffic`` or ``/sessions``); None when unreachable."""
     try:
-        return get_json(f"{metrics_url.rstrip('/')}/traffic", timeout)
+        return get_json(url, timeout)
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def fetch_traffic(metrics_url: str, timeout: float = 2.0) -> Any:
+    """A control plane's ``/traffic`` window (traffic/service.py); None when unreachable."""
+    return fetch_json(f"{metrics_url.rstrip('/')}/traffic", timeout)

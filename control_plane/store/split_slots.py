@@ -4,10 +4,10 @@ table (``split-slots/<model>``) moving toward the split's weights.
 The leader holds ``<prefix without its final slash>.split-leader`` (``store/leader.py``'s
 election, with a key of its own next to the prober's). Every ``interval_s`` it derives each
 split's table from the stored one (config/splits.py ``leader_table``), leaving the slots of
-active sessions (seen by this control plane's Envoys within their pool's ``session_ttl_s``)
-where they are, and writes the tables that changed. Every control plane, the leader
-included, translates from the stored tables, so they all route alike; the leader only
-writes. A table whose split is gone is deleted.
+active sessions (seen by the Envoys of this control plane and of its ``--peer`` control
+planes within their pool's ``session_ttl_s``) where they are, and writes the tables that
+changed. Every control plane, the leader included, translates from the stored tables, so
+they all route alike; the leader only writes. A table whose split is gone is deleted.
 """
 
 from __future__ import annotations
@@ -33,7 +33,38 @@ LEADER_TTL_S = 5
 # A table written is not written again for this long while the watch has not shown it.
 CATCH_UP_S = 2.0
 
-ActiveSessions = Callable[[str, float, float], list[str]]  # (pool, now, ttl) -> hashes
+ActiveSessions = Callable[[str, float, float], list[str] | None]  # (pool, now, ttl) -> hashes
+# How often the leader reads the other control planes' active sessions (``--peer``).
+PEER_POLL_S = 1.0
+
+
+class PeerSessions:
+    """Active sessions as every control plane sees them: this one's window plus each peer's
+    ``/sessions`` view (its Envoys' sessions). While a peer has not answered lately, the
+    sessions are unknown (``None``): the leader then moves no slot, since a session only
+    that peer's Envoys serve could be active."""
+
+    def __init__(self, own: Callable[[str, float, float], list[str]], peers: int) -> None:
+        self.own = own
+        self.peers = peers
+        self.reports: dict[str, dict[str, list[str]] | None] = {}  # peer URL -> its view
+
+    def seen(self, url: str, report: dict[str, list[str]] | None) -> None:
+        """A peer's latest ``/sessions`` answer (None: it did not answer)."""
+        self.reports[url] = report
+
+    def __call__(self, pool: str, now: float, ttl_s: float) -> list[str] | None:
+        mine = self.own(pool, now, ttl_s)
+        if self.peers == 0:
+            return mine
+        views = list(self.reports.values())
+        if len(views) < self.peers or any(view is None for view in views):
+            return None
+        merged = set(mine)
+        for view in views:
+            assert view is not None
+            merged.update(view.get(pool, []))
+        return sorted(merged)
 
 
 def split_leader_key(prefix: str) -> str:
@@ -42,13 +73,17 @@ def split_leader_key(prefix: str) -> str:
 
 def active_slots(config: Config, model: str, sessions: ActiveSessions, now: float
                  ) -> set[int]:
-    """Slots holding a session one of the split's arm pools served within its TTL."""
+    """Slots holding a session one of the split's arm pools served within its TTL; every
+    slot while the sessions are unknown (a peer control plane did not answer)."""
     slots: set[int] = set()
     for pool_name in config.splits[model].pools:
         pool = config.pools.get(pool_name)
         if pool is None:
             continue
-        for session in sessions(pool_name, now, pool.session_ttl_s):
+        seen = sessions(pool_name, now, pool.session_ttl_s)
+        if seen is None:
+            return set(range(SLOTS))
+        for session in seen:
             try:
                 slots.add(slot_of(session, SLOTS))
             except ValueError:

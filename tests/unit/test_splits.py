@@ -389,3 +389,17 @@ def test_apply_file_splits_section() -> None:
         plan("f.yaml", parse_document("f.yaml", {"splits": {"chat": {"arms": [
             {"pool": "zz", "weight": 1}]}}}), {}, prune=False)
     assert "splits/chat: arms[0].pool 'zz' is neither in this file nor in etcd" in str(info.value)
+
+
+def test_the_leader_counts_peer_control_planes_sessions() -> None:
+    from control_plane.store.split_slots import PeerSessions
+
+    own = {"a": ["h-00000000000003e8"]}  # slot 0 (0x3e8 = 1000)
+    sessions = PeerSessions(lambda pool, now, ttl: own.get(pool, []), peers=1)
+    assert sessions("a", 0.0, 600.0) is None  # the peer has not answered: unknown
+    sessions.seen("http://peer:9101", {"a": ["h-00000000000003e9"]})
+    assert sessions("a", 0.0, 600.0) == ["h-00000000000003e8", "h-00000000000003e9"]
+    sessions.seen("http://peer:9101", None)  # unreachable again: unknown again
+    assert sessions("a", 0.0, 600.0) is None
+    alone = PeerSessions(lambda pool, now, ttl: own.get(pool, []), peers=0)
+    assert alone("a", 0.0, 600.0) == ["h-00000000000003e8"]
