@@ -27,9 +27,9 @@ CONFIG: dict[str, Any] = {
         "code": {"models": ["coder"], "lb": "maglev"},
     },
     "endpoints": {
-        "chat": {"gpu-0": {"address": "10.0.0.1", "port": 8000},
+        "chat": {"gpu-0": {"address": "127.0.10.1", "port": 8000},
                  "gpu-1": {"address": "gpu-1.internal", "port": 8000, "weight": 2}},
-        "code": {"c-0": {"address": "10.0.0.3", "port": 9000}},
+        "code": {"c-0": {"address": "127.0.10.3", "port": 9000}},
     },
 }
 KEYS = ["pools/chat", "pools/code", "endpoints/chat/gpu-0", "endpoints/chat/gpu-1",
@@ -109,7 +109,7 @@ async def test_a_changed_field_updates_only_its_key(etcd: EtcdSettings, tmp_path
     assert actions(result) == {**dict.fromkeys(KEYS, "unchanged"),
                                "endpoints/code/c-0": "updated"}
     _, stored = await snapshot(etcd)
-    assert json.loads(stored["endpoints/code/c-0"][0]) == {"address": "10.0.0.3", "port": 9000,
+    assert json.loads(stored["endpoints/code/c-0"][0]) == {"address": "127.0.10.3", "port": 9000,
                                                            "weight": 3}
 
 
@@ -165,7 +165,7 @@ async def test_a_model_belongs_to_one_pool_in_the_file_and_in_etcd(
 
 async def test_endpoints_need_a_known_pool(etcd: EtcdSettings, tmp_path: Path) -> None:
     orphan = write(tmp_path / "orphan.yaml",
-                   {"endpoints": {"ghost": {"g-0": {"address": "10.0.0.9", "port": 1}}}})
+                   {"endpoints": {"ghost": {"g-0": {"address": "127.0.10.9", "port": 1}}}})
     result = await apply(etcd, orphan)
     assert result.returncode == 2
     assert "endpoints/ghost/g-0: pool 'ghost' is neither in this file nor in etcd" in result.stderr
@@ -178,7 +178,7 @@ async def test_prune_and_export_leave_leased_endpoints_to_their_registrar(
         assert client.lease is not None
         lease = await client.lease.grant(ttl=60, timeout=10)
         try:
-            await put_json(client, etcd, "endpoints/chat/reg", {"address": "10.0.0.7",
+            await put_json(client, etcd, "endpoints/chat/reg", {"address": "127.0.10.7",
                                                                 "port": 8000}, lease=lease.ID)
             await put_json(client, etcd, "status/chat/gpu-1",
                            {"state": "warm", "ttft_ms": 5.0, "checked_at": 1.0})
@@ -188,7 +188,7 @@ async def test_prune_and_export_leave_leased_endpoints_to_their_registrar(
             assert "1 endpoint(s) held under a lease" in exported.stderr
             everything = await hotpath(etcd, "export", "--include-leased")
             assert yaml.safe_load(everything.stdout)["endpoints"]["chat"]["reg"] == {
-                "address": "10.0.0.7", "port": 8000}
+                "address": "127.0.10.7", "port": 8000}
 
             fewer = json.loads(json.dumps(CONFIG))
             del fewer["endpoints"]["chat"]["gpu-1"]
@@ -209,7 +209,7 @@ async def test_prune_and_export_leave_leased_endpoints_to_their_registrar(
             assert set(stored) == {"pools/chat", "endpoints/chat/gpu-0", "endpoints/chat/reg"}
 
             takeover = json.loads(json.dumps(fewer))
-            takeover["endpoints"]["chat"]["reg"] = {"address": "10.0.0.8", "port": 8000}
+            takeover["endpoints"]["chat"]["reg"] = {"address": "127.0.10.8", "port": 8000}
             result = await apply(etcd, write(tmp_path / "takeover.yaml", takeover))
             assert result.returncode == 2
             assert "endpoints/chat/reg: held under a lease by `hotpath register`" in result.stderr

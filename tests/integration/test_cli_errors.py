@@ -59,7 +59,7 @@ def test_a_bad_json_value_names_the_flag() -> None:
 
 
 def test_a_value_the_control_plane_would_refuse_names_key_and_field() -> None:
-    result = hotpath("endpoint", "put", "chat", "gpu-0", "--address", "10.0.0.1",
+    result = hotpath("endpoint", "put", "chat", "gpu-0", "--address", "127.0.0.1",
                      "--port", "70000", "--etcd", f"http://127.0.0.1:{free_port()}")
     assert_one_line(result, 2, "endpoints/chat/gpu-0", "port")
 
