@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from control_plane.bench import overhead as ov
 from control_plane.bench.peers import PEER_BY_NAME, PEERS, find_peer, start_peer
-from control_plane.bench.replay import ReplaySettings, Route, TurnResult, replay
+from control_plane.bench.replay import API_PATHS, APIS, ReplaySettings, Route, TurnResult, replay
 from control_plane.bench.report import (
     OverheadReport,
     StrategyReport,
@@ -97,6 +97,7 @@ class BenchConfig:
     slow: SlowServer | None = None  # the slow-server scenario (simulator only)
     model: str = DEFAULT_MODEL
     session_header: bool = True
+    api: str = "chat"  # the API the replay talks: chat, responses or messages
     cold_ttft_s: float | None = None  # scenario seconds; None: half a simulated cold start
     deadline_s: float = 300.0  # wall seconds per strategy
     peers_bin: str | None = None
@@ -338,7 +339,7 @@ class Runner:
                 model=cfg.model, time_scale=cfg.time_scale,
                 session_header="x-session-id" if cfg.session_header else None,
                 request_timeout_s=max(30.0, 120.0 * cfg.time_scale),
-                deadline_s=cfg.deadline_s)
+                deadline_s=cfg.deadline_s, api=cfg.api)
             t0 = loop.time()
             results, truncated = await replay(workload, route, settings, self.progress.turn)
             self.progress.skip(workload.turn_count - len(results))
@@ -412,7 +413,8 @@ def _meta(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
     return {
         "title": (f"hotpath bench: {cfg.scenario.sessions} chat sessions, {workload.turn_count}"
                   f" turns, {cfg.servers if not cfg.backends else len(cfg.backends)} servers"
-                  f" ({'simulated' if not cfg.backends else 'real'})"),
+                  f" ({'simulated' if not cfg.backends else 'real'})"
+                  + ("" if cfg.api == "chat" else f", over {API_PATHS[cfg.api]}")),
         "command": cfg.command,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -425,6 +427,7 @@ def _meta(cfg: BenchConfig, workload: Workload) -> dict[str, Any]:
         "time_scale": cfg.time_scale,
         "cold_ttft_threshold_s": cfg.cold_threshold_s,
         "session_header": cfg.session_header,
+        "api": cfg.api,
         "load_generator": "wrk" if shutil.which("wrk") else "python (aiohttp)",
         "slow_server": None if cfg.slow is None else {
             "index": cfg.servers - 1, "at_s": cfg.slow.at_s, "ttft_s": cfg.slow.ttft_s},
@@ -531,6 +534,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--no-session-header", action="store_true",
                    help="send no x-session-id: hotpath derives the key from the prompt "
                         "(nginx and vllm-router then cannot pin)")
+    r.add_argument("--api", choices=APIS, default="chat",
+                   help="the API the sessions talk: chat (/v1/chat/completions), responses "
+                        "(/v1/responses) or messages (/v1/messages) (default: %(default)s)")
     r.add_argument("--peers-bin", default=None,
                    help="directory holding vllm-router / sglang-router / nginx "
                         "(env HOTPATH_BENCH_PEERS_BIN)")
@@ -576,7 +582,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         scenario=scenario, servers=args.servers, sim=sim, strategies=strategies,
         backends=tuple(args.backend), model=args.model or DEFAULT_MODEL, slow=slow,
-        session_header=not args.no_session_header, cold_ttft_s=args.cold_ttft,
+        session_header=not args.no_session_header, api=args.api, cold_ttft_s=args.cold_ttft,
         deadline_s=args.deadline, peers_bin=args.peers_bin,
         overhead=not args.no_overhead and slow is None,
         overhead_settings=ov.OverheadSettings(latency_seconds=lat,

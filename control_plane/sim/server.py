@@ -1,4 +1,11 @@
-"""aiohttp shell around `SimServer`: OpenAI-compatible endpoints and vLLM-style /metrics.
+"""aiohttp shell around `SimServer`: OpenAI-compatible endpoints (chat completions,
+completions, the Responses API), the Anthropic Messages API and vLLM-style /metrics.
+
+Every chat-like API (chat completions, `/v1/responses`, `/v1/messages`) turns its request into
+the same (role, text) conversation, so the same history is the same prompt, and the same
+prefix cache, whichever API carries it. The streamed opening events of the Responses and
+Messages APIs go out with the first token, as llama.cpp's server sends them: the first body
+byte is the first token on every API.
 
 The waits are `asyncio.sleep`s of the planned durations: that sleeping is the simulation.
 """
@@ -115,7 +122,16 @@ def render_metrics(state: SimState) -> str:
     ])
 
 
-def _error(status: int, message: str, code: str) -> web.Response:
+MESSAGES_PATH = "/v1/messages"
+
+
+def _error(status: int, message: str, code: str, path: str = "") -> web.Response:
+    """OpenAI-shaped; Anthropic-shaped on /v1/messages."""
+    if path == MESSAGES_PATH:
+        kind = {404: "not_found_error", 413: "request_too_large"}.get(
+            status, "invalid_request_error" if status < 500 else "api_error")
+        anthropic = {"type": "error", "error": {"type": kind, "message": message}}
+        return web.json_response(anthropic, status=status)
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "code": code}}
     return web.json_response(body, status=status)
@@ -128,11 +144,11 @@ async def _errors(
     try:
         return await handler(request)
     except ApiError as e:
-        return _error(e.status, e.message, e.code)
-    except web.HTTPException as e:  # aiohttp's own 404, 405 and 413 in OpenAI's shape
+        return _error(e.status, e.message, e.code, request.path)
+    except web.HTTPException as e:  # aiohttp's own 404, 405 and 413 in the API's shape
         if e.status < 400:
             raise
-        return _error(e.status, e.reason, e.reason.lower().replace(" ", "_"))
+        return _error(e.status, e.reason, e.reason.lower().replace(" ", "_"), request.path)
 
 
 async def _stamp_server(request: web.Request, response: web.StreamResponse) -> None:
@@ -177,6 +193,9 @@ def _stream(body: Json) -> tuple[bool, bool]:
     return stream, options.get("include_usage") is True
 
 
+_TEXT_PARTS = ("text", "input_text", "output_text")  # chat, Messages; Responses
+
+
 def _content_text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
@@ -184,7 +203,8 @@ def _content_text(content: Any) -> str:
         # Text parts count as text; other parts (images...) as their JSON, which is stable.
         return " ".join(
             p["text"]
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            if isinstance(p, dict) and p.get("type") in _TEXT_PARTS
+            and isinstance(p.get("text"), str)
             else json.dumps(p, sort_keys=True)
             for p in content
         )
@@ -201,6 +221,42 @@ def _messages(body: Json) -> list[tuple[str, str]]:
             raise ApiError(400, "each message needs a string 'role'", "invalid_messages")
         parsed.append((m["role"], _content_text(m.get("content"))))
     return parsed
+
+
+def _responses_conversation(body: Json) -> list[tuple[str, str]]:
+    """Responses API: `instructions` as the system message, then `input` (a string: one user
+    message; a list: message items, typed "message" or untyped, in order). Other items
+    (function calls and their outputs...) count as their JSON under their type, which is
+    stable, as the chat shell counts non-text parts."""
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ApiError(400, "'instructions' must be a string", "invalid_instructions")
+    out = [("system", instructions)] if instructions else []
+    items = body.get("input")
+    if isinstance(items, str):
+        return [*out, ("user", items)]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "'input' must be a string or a non-empty list", "invalid_input")
+    for item in items:
+        if not isinstance(item, dict):
+            raise ApiError(400, "each 'input' item must be an object", "invalid_input")
+        if item.get("type", "message") == "message":
+            if not isinstance(item.get("role"), str):
+                raise ApiError(400, "each input message needs a string 'role'", "invalid_input")
+            out.append((item["role"], _content_text(item.get("content"))))
+        else:
+            out.append((str(item.get("type")), json.dumps(item, sort_keys=True)))
+    return out
+
+
+def _anthropic_conversation(body: Json) -> list[tuple[str, str]]:
+    """Messages API: `system` (a string or text blocks) as the system message, then
+    `messages`."""
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise ApiError(400, "'system' must be a string or a list of blocks", "invalid_system")
+    text = _content_text(system)
+    return ([("system", text)] if text else []) + _messages(body)
 
 
 def _prompt(body: Json) -> list[str]:
@@ -223,12 +279,13 @@ def _prompt(body: Json) -> list[str]:
 
 @dataclass(frozen=True)
 class _Request:
-    chat: bool
+    chat: bool  # chat-shaped answer (chat completions); False: completions
     model: str
     prompt: list[str]
     max_tokens: int
     stream: bool
     include_usage: bool
+    api: str = "openai"  # "openai" (chat, completions), "responses" or "messages"
 
 
 def _usage(plan: Plan) -> Json:
@@ -282,10 +339,11 @@ async def _run(
     state: SimState,
     req: _Request,
     arrival: float,
-    send: Callable[[str, bool], Awaitable[None]] | None,
+    send: Callable[[str, bool, Plan], Awaitable[None]] | None,
 ) -> tuple[Plan, str]:
     """Queue for a slot, then produce the completion on the plan's timeline, passing each piece
-    (and whether it is the first) to `send` when streaming. Returns the plan and full text."""
+    (whether it is the first, and the plan) to `send` when streaming. Returns the plan and
+    full text."""
     loop = asyncio.get_running_loop()
     async with state.slot():
         admitted = loop.time()
@@ -294,12 +352,16 @@ async def _run(
         async with aclosing(_tokens(state, plan, arrival, admitted)) as tokens:
             async for piece in tokens:
                 if send is not None:
-                    await send(piece, not pieces)
+                    await send(piece, not pieces, plan)
                 pieces.append(piece)
     return plan, "".join(pieces)
 
 
 async def _generate(request: web.Request, req: _Request) -> web.StreamResponse:
+    if req.api == "responses":
+        return await _generate_response(request, req)
+    if req.api == "messages":
+        return await _generate_message(request, req)
     state = request.app[STATE]
     arrival = asyncio.get_running_loop().time()
     if req.chat:
@@ -323,7 +385,7 @@ async def _generate(request: web.Request, req: _Request) -> web.StreamResponse:
     )
     await response.prepare(request)
 
-    async def send(piece: str, first: bool) -> None:
+    async def send(piece: str, first: bool, plan: Plan) -> None:
         choice = _chunk_choice(req, piece, first, None)
         await response.write(_sse({**head, "choices": [choice]}))
 
@@ -337,6 +399,140 @@ async def _generate(request: web.Request, req: _Request) -> web.StreamResponse:
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away: the request ends here, as vLLM aborts it
+    return response
+
+
+def _event(kind: str, data: Json) -> bytes:
+    """A named server-sent event, as the Responses and Messages APIs send them."""
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    # Headers go out at once, as vLLM's do; the first event arrives at TTFT.
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    return response
+
+
+def _responses_usage(plan: Plan) -> Json:
+    n = len(plan.completion)
+    return {
+        "input_tokens": plan.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": plan.cached_tokens},
+        "output_tokens": n,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": plan.prompt_tokens + n,
+    }
+
+
+async def _generate_response(request: web.Request, req: _Request) -> web.StreamResponse:
+    """OpenAI Responses API. The answer runs to max_output_tokens; the status still says
+    "completed", as llama.cpp's server says."""
+    state = request.app[STATE]
+    arrival = asyncio.get_running_loop().time()
+    rid, mid = state.next_id("resp"), state.next_id("msg")
+    created = int(time.time())
+
+    def response_object(status: str, text: str | None, plan: Plan | None) -> Json:
+        obj: Json = {"id": rid, "object": "response", "created_at": created,
+                     "status": status, "model": req.model, "output": []}
+        if text is not None:
+            obj["output"] = [{"type": "message", "id": mid, "status": "completed",
+                              "role": "assistant",
+                              "content": [{"type": "output_text", "text": text,
+                                           "annotations": []}]}]
+            obj["output_text"] = text
+        if plan is not None:
+            obj["usage"] = _responses_usage(plan)
+        return obj
+
+    if not req.stream:
+        plan, text = await _run(state, req, arrival, None)
+        return web.json_response(response_object("completed", text, plan))
+
+    response = await _open_stream(request)
+    seq = itertools.count()
+
+    async def emit(kind: str, data: Json) -> None:
+        await response.write(_event(kind, {"type": kind, "sequence_number": next(seq), **data}))
+
+    part = {"item_id": mid, "output_index": 0, "content_index": 0}
+
+    async def send(piece: str, first: bool, plan: Plan) -> None:
+        if first:
+            await emit("response.created", {"response": response_object("in_progress", None,
+                                                                        None)})
+            await emit("response.in_progress",
+                       {"response": response_object("in_progress", None, None)})
+            await emit("response.output_item.added", {"output_index": 0, "item": {
+                "type": "message", "id": mid, "status": "in_progress", "role": "assistant",
+                "content": []}})
+            await emit("response.content_part.added", {**part, "part": {
+                "type": "output_text", "text": "", "annotations": []}})
+        await emit("response.output_text.delta", {**part, "delta": piece})
+
+    try:
+        plan, text = await _run(state, req, arrival, send)
+        done = response_object("completed", text, plan)
+        await emit("response.output_text.done", {**part, "text": text})
+        await emit("response.content_part.done", {**part, "part": done["output"][0][
+            "content"][0]})
+        await emit("response.output_item.done", {"output_index": 0,
+                                                 "item": done["output"][0]})
+        await emit("response.completed", {"response": done})
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: the request ends here
+    return response
+
+
+def _anthropic_usage(plan: Plan, output_tokens: int) -> Json:
+    # Anthropic's input_tokens leave out what the cache served (llama.cpp's server agrees).
+    return {"input_tokens": plan.prompt_tokens - plan.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": plan.cached_tokens,
+            "output_tokens": output_tokens}
+
+
+async def _generate_message(request: web.Request, req: _Request) -> web.StreamResponse:
+    """Anthropic Messages API. The answer runs to max_tokens: stop_reason "max_tokens"."""
+    state = request.app[STATE]
+    arrival = asyncio.get_running_loop().time()
+    head: Json = {"id": state.next_id("msg"), "type": "message", "role": "assistant",
+                  "model": req.model}
+    if not req.stream:
+        plan, text = await _run(state, req, arrival, None)
+        return web.json_response({
+            **head, "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens",
+            "stop_sequence": None, "usage": _anthropic_usage(plan, len(plan.completion))})
+
+    response = await _open_stream(request)
+
+    async def emit(kind: str, data: Json) -> None:
+        await response.write(_event(kind, {"type": kind, **data}))
+
+    async def send(piece: str, first: bool, plan: Plan) -> None:
+        if first:
+            await emit("message_start", {"message": {
+                **head, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": _anthropic_usage(plan, 1)}})
+            await emit("content_block_start", {"index": 0,
+                                               "content_block": {"type": "text", "text": ""}})
+        await emit("content_block_delta", {"index": 0,
+                                           "delta": {"type": "text_delta", "text": piece}})
+
+    try:
+        plan, _ = await _run(state, req, arrival, send)
+        await emit("content_block_stop", {"index": 0})
+        await emit("message_delta", {
+            "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+            "usage": {"output_tokens": len(plan.completion)}})
+        await emit("message_stop", {})
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: the request ends here
     return response
 
 
@@ -373,6 +569,38 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, req)
 
 
+async def _responses(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await _body(request)
+    stream, _ = _stream(body)
+    req = _Request(
+        chat=True,
+        model=_model(state, body),
+        prompt=chat_tokens(_responses_conversation(body)),
+        max_tokens=_max_tokens(state.sim.params, body, "max_output_tokens"),
+        stream=stream,
+        include_usage=True,
+        api="responses",
+    )
+    return await _generate(request, req)
+
+
+async def _anthropic_messages(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await _body(request)
+    stream, _ = _stream(body)
+    req = _Request(
+        chat=True,
+        model=_model(state, body),
+        prompt=chat_tokens(_anthropic_conversation(body)),
+        max_tokens=_max_tokens(state.sim.params, body, "max_tokens"),
+        stream=stream,
+        include_usage=True,
+        api="messages",
+    )
+    return await _generate(request, req)
+
+
 async def _models(request: web.Request) -> web.Response:
     data = [
         {"id": m, "object": "model", "created": 0, "owned_by": "hotpath-sim"}
@@ -399,6 +627,8 @@ def make_app(params: SimParams, name: str, models: Sequence[str]) -> web.Applica
     app.on_response_prepare.append(_stamp_server)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_post(MESSAGES_PATH, _anthropic_messages)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)

@@ -234,6 +234,178 @@ async def test_errors_are_openai_shaped(
     assert error["message"]
 
 
+# --- Responses and Messages APIs ----------------------------------------------------------
+
+
+async def named_events(resp: aiohttp.ClientResponse) -> list[tuple[str, dict[str, Any]]]:
+    """(event name, data) of each named server-sent event, in order; the name is the type."""
+    text = (await resp.read()).decode()
+    assert text.endswith("\n\n")
+    out = []
+    for block in text.split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: ")
+        event = json.loads(data.removeprefix("data: "))
+        assert event["type"] == name.removeprefix("event: ")
+        out.append((event["type"], event))
+    return out
+
+
+def responses_body(question: str, **extra: Any) -> dict[str, Any]:
+    items = [{"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": question}]}]
+    return {"model": "sim-model", "instructions": SYSTEM, "input": items, **extra}
+
+
+def messages_body(question: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-model", "system": SYSTEM, "max_tokens": 16,
+            "messages": [{"role": "user", "content": question}], **extra}
+
+
+async def test_responses_non_streaming_is_a_response_object_with_cached_prefix(
+    sim: SimHandle, http: aiohttp.ClientSession
+) -> None:
+    status, first = await post(http, sim, "/v1/responses", responses_body("What is a GPU?"))
+    assert status == 200
+    assert first["object"] == "response" and first["status"] == "completed"
+    assert first["id"].startswith("resp-")
+    (message,) = first["output"]
+    assert message["type"] == "message" and message["role"] == "assistant"
+    (part,) = message["content"]
+    assert part["type"] == "output_text" and part["text"] == first["output_text"]
+    assert len(first["output_text"].split()) == 16  # the default max tokens
+    usage = first["usage"]
+    assert usage["input_tokens_details"]["cached_tokens"] == 0
+    assert usage["output_tokens"] == 16
+    assert usage["total_tokens"] == usage["input_tokens"] + 16
+
+    body = responses_body("What is a GPU?", max_output_tokens=3)
+    body["input"] += [{"role": "assistant", "content": first["output_text"]},
+                      {"role": "user", "content": "More?"}]
+    _, second = await post(http, sim, "/v1/responses", body)
+    assert second["usage"]["output_tokens"] == 3
+    assert second["usage"]["input_tokens_details"]["cached_tokens"] >= usage["input_tokens"]
+
+
+async def test_chat_responses_and_messages_share_one_prompt_and_cache(
+    sim: SimHandle, http: aiohttp.ClientSession
+) -> None:
+    """The same conversation is the same prompt on every API: a chat request warms the
+    cache for the Responses and Messages requests that repeat it."""
+    _, by_chat = await post(http, sim, "/v1/chat/completions", chat("Same question"))
+    prompt = by_chat["usage"]["prompt_tokens"]
+    _, by_responses = await post(http, sim, "/v1/responses",
+                                 {"model": "sim-model", "instructions": SYSTEM,
+                                  "input": "Same question"})
+    assert by_responses["usage"]["input_tokens"] == prompt
+    cached = by_responses["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= prompt - 16  # all but the last, partial block
+    _, by_messages = await post(http, sim, "/v1/messages", messages_body("Same question"))
+    usage = by_messages["usage"]
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == prompt
+    assert usage["cache_read_input_tokens"] == cached
+
+
+async def test_responses_stream_sends_the_openai_events(
+    sim: SimHandle, http: aiohttp.ClientSession
+) -> None:
+    body = responses_body("Stream it", max_output_tokens=4, stream=True)
+    async with http.post(sim.url + "/v1/responses", json=body) as resp:
+        assert resp.status == 200
+        assert resp.headers[SERVER_HEADER] == sim.name
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        events = await named_events(resp)
+    kinds = [k for k, _ in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * 4,
+                     "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    created, completed = events[0][1]["response"], events[-1][1]["response"]
+    assert created["status"] == "in_progress" and created["id"] == completed["id"]
+    text = "".join(e["delta"] for k, e in events if k == "response.output_text.delta")
+    assert completed["output_text"] == text and len(text.split()) == 4
+    assert completed["usage"]["output_tokens"] == 4
+
+
+async def test_messages_non_streaming_is_an_anthropic_message(
+    sim: SimHandle, http: aiohttp.ClientSession
+) -> None:
+    body = messages_body("What is a GPU?", system=[{"type": "text", "text": SYSTEM}],
+                         max_tokens=5)
+    status, message = await post(http, sim, "/v1/messages", body)
+    assert status == 200
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["stop_reason"] == "max_tokens" and message["stop_sequence"] is None
+    (block,) = message["content"]
+    assert block["type"] == "text" and len(block["text"].split()) == 5
+    assert message["usage"]["output_tokens"] == 5
+    assert message["usage"]["cache_read_input_tokens"] == 0
+    # System blocks and a system string are the same prompt.
+    _, again = await post(http, sim, "/v1/messages", messages_body("What is a GPU?"))
+    assert again["usage"]["cache_read_input_tokens"] > 0
+
+
+async def test_messages_stream_sends_the_anthropic_events(
+    sim: SimHandle, http: aiohttp.ClientSession
+) -> None:
+    body = messages_body("Stream it", max_tokens=3, stream=True)
+    async with http.post(sim.url + "/v1/messages", json=body) as resp:
+        assert resp.status == 200
+        events = await named_events(resp)
+    kinds = [k for k, _ in events]
+    assert kinds == ["message_start", "content_block_start", *["content_block_delta"] * 3,
+                     "content_block_stop", "message_delta", "message_stop"]
+    start = events[0][1]["message"]
+    assert start["role"] == "assistant" and start["content"] == []
+    assert start["usage"]["input_tokens"] > 0
+    deltas = [e["delta"] for k, e in events if k == "content_block_delta"]
+    assert all(d["type"] == "text_delta" for d in deltas)
+    assert len("".join(d["text"] for d in deltas).split()) == 3
+    final = events[-2][1]
+    assert final["delta"]["stop_reason"] == "max_tokens"
+    assert final["usage"]["output_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "kind"),
+    [
+        ("/v1/messages", b"[1]", 400, "invalid_request_error"),
+        ("/v1/messages", b'{"messages": []}', 400, "invalid_request_error"),
+        ("/v1/messages", b'{"model": "other", "messages": [{"role": "user"}]}', 404,
+         "not_found_error"),
+        ("/v1/messages", b'{"system": 1, "messages": [{"role": "user"}]}', 400,
+         "invalid_request_error"),
+    ],
+)  # fmt: skip
+async def test_messages_errors_are_anthropic_shaped(
+    sim: SimHandle, http: aiohttp.ClientSession, path: str, body: bytes, status: int, kind: str
+) -> None:
+    async with http.post(sim.url + path, data=body) as resp:
+        assert resp.status == status
+        answer = await resp.json()
+    assert answer["type"] == "error"
+    assert answer["error"]["type"] == kind and answer["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"input": []}', "invalid_input"),
+        (b'{"input": [1]}', "invalid_input"),
+        (b'{"input": "hi", "instructions": 3}', "invalid_instructions"),
+        (b'{"input": "hi", "max_output_tokens": 0}', "invalid_max_tokens"),
+    ],
+)  # fmt: skip
+async def test_responses_errors_are_openai_shaped(
+    sim: SimHandle, http: aiohttp.ClientSession, body: bytes, code: str
+) -> None:
+    async with http.post(sim.url + "/v1/responses", data=body) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+
+
 async def test_run_sims_serves_each_under_its_own_name(http: aiohttp.ClientSession) -> None:
     handles = await run_sims(FAST, count=3, base_port=0, name_prefix="pool")
     try:
