@@ -162,7 +162,7 @@ class OverheadReport:
     errors: int = 0
 
 
-# -- targets (from issue #6; reported, never asserted) -----------------------------------------
+# -- targets (the benchmark's goals: reported, never asserted) ----------------------------------
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def format_overhead(overhead: Sequence[OverheadReport]) -> str:
 def format_targets(found: Sequence[Target]) -> str:
     rows = [[t.what, _f(t.value, 3), t.goal,
              "n/a" if t.met is None else ("met" if t.met else "NOT met")] for t in found]
-    return _table(["target (issue #6)", "value", "goal", ""], rows) if rows else ""
+    return _table(["target", "value", "goal", ""], rows) if rows else ""
 
 
 def format_report(report: Mapping[str, Any]) -> str:

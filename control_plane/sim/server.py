@@ -569,36 +569,21 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, req)
 
 
-async def _responses(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body = await _body(request)
-    stream, _ = _stream(body)
-    req = _Request(
-        chat=True,
-        model=_model(state, body),
-        prompt=chat_tokens(_responses_conversation(body)),
-        max_tokens=_max_tokens(state.sim.params, body, "max_output_tokens"),
-        stream=stream,
-        include_usage=True,
-        api="responses",
-    )
-    return await _generate(request, req)
+def _agent_handler(api: str, conversation: Callable[[Json], list[tuple[str, str]]],
+                   max_tokens_field: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler for an agent API (``responses`` or ``messages``): the same generation as
+    chat, the conversation read and the answer written in that API's shape."""
 
+    async def handle(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        body = await _body(request)
+        stream, _ = _stream(body)
+        return await _generate(request, _Request(
+            chat=True, model=_model(state, body), prompt=chat_tokens(conversation(body)),
+            max_tokens=_max_tokens(state.sim.params, body, max_tokens_field), stream=stream,
+            include_usage=True, api=api))
 
-async def _anthropic_messages(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body = await _body(request)
-    stream, _ = _stream(body)
-    req = _Request(
-        chat=True,
-        model=_model(state, body),
-        prompt=chat_tokens(_anthropic_conversation(body)),
-        max_tokens=_max_tokens(state.sim.params, body, "max_tokens"),
-        stream=stream,
-        include_usage=True,
-        api="messages",
-    )
-    return await _generate(request, req)
+    return handle
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -627,8 +612,10 @@ def make_app(params: SimParams, name: str, models: Sequence[str]) -> web.Applica
     app.on_response_prepare.append(_stamp_server)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/completions", _completions)
-    app.router.add_post("/v1/responses", _responses)
-    app.router.add_post(MESSAGES_PATH, _anthropic_messages)
+    app.router.add_post("/v1/responses",
+                        _agent_handler("responses", _responses_conversation, "max_output_tokens"))
+    app.router.add_post(MESSAGES_PATH,
+                        _agent_handler("messages", _anthropic_conversation, "max_tokens"))
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
