@@ -18,8 +18,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
+from control_plane.affinity.plan import Active, gains, ring_id, ring_points
 from control_plane.config.model import Config, Endpoint, GatewaySettings
 from control_plane.config.splits import shares
 from control_plane.config.state import ConfigState
@@ -27,10 +31,12 @@ from control_plane.runtime.envoy_admin import fetch_json
 from control_plane.runtime.metrics import Family, serve_metrics
 from control_plane.runtime.tasks import run_together
 from control_plane.store.etcd import EtcdFollower, EtcdSettings
+from control_plane.store.pins import PinWriter
 from control_plane.store.split_slots import PEER_POLL_S, PeerSessions, SplitSlotsWriter
 from control_plane.traffic.service import AccessLogServicer
 from control_plane.traffic.window import TrafficWindow
 from control_plane.translate.resources import Translator, cached_is_ip
+from control_plane.xds import types
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 from control_plane.xds.snapshot import InconsistentSnapshot, SnapshotBuilder
 from control_plane.xds.types import SHORT_NAMES
@@ -45,6 +51,10 @@ DEBOUNCE_S = 0.005
 # 10,000 endpoints were written: without the bound on bursts, a rebuild per event or two
 # kept the streams busy enough that the watch fell minutes behind.
 MAX_DELAY_S = 0.05
+# The longest a ring change waits for its pins (written by the leader, acknowledged by every
+# Envoy). Measured on loopback: the write and the filter's acknowledgement take ~10-30 ms;
+# without a leader (etcd down, none elected yet) the change goes out after this, logged.
+HOLD_MAX_S = 2.0
 # Wake this long after a status's stale moment, so that it is stale by then.
 STALE_MARGIN_S = 0.01
 
@@ -59,6 +69,20 @@ class ControlPlaneSettings:
     # The other control planes' metrics URLs: the split leader counts their Envoys'
     # active sessions too (each Envoy streams to one control plane).
     peers: tuple[str, ...] = ()
+
+
+def peer_active(item: object) -> Active | None:
+    """One session of a peer's ``/sessions`` view (None: not in the expected shape)."""
+    if not isinstance(item, list) or len(item) != 3:
+        return None
+    ring, endpoint, seen = item
+    if not isinstance(endpoint, str) or not isinstance(seen, int | float):
+        return None
+    try:
+        ring_hash = None if ring is None else int(str(ring), 16)
+    except ValueError:
+        return None
+    return Active(ring_hash, endpoint, float(seen))
 
 
 class Resolver:
@@ -129,13 +153,52 @@ class ControlPlane:
         self.split_writer = SplitSlotsWriter(settings.etcd, identity, self.state.config,
                                              self.sessions, self._split_models)
         self._split_health: dict[str, str] = {}  # model -> what was last logged
+        # Pins: the leader writes them; every control plane holds a ring change back until
+        # the pins for the new ring are stored and acknowledged by every connected Envoy.
+        self.pins = PinWriter(settings.etcd, self.state.config,
+                              lambda: self.split_writer.election.leader,
+                              self.translator.routes, self.placements)
+        # pool -> (ring points per host, cluster, load assignment) as last published.
+        self._rings: dict[str, tuple[dict[str, int], Message, Message]] = {}
+        self._held_since: dict[str, float] = {}  # pool -> when its ring change was held
+        self.rings_held = 0  # ring changes held for pins
+        self.hold_timeouts = 0  # ring changes published without their pins (HOLD_MAX_S)
+        self.servicer.on_ack = self._on_ack
 
-    def active_sessions_view(self) -> dict[str, list[str]]:
-        """``/sessions``: per pool, the session hashes this control plane's Envoys served
-        within the pool's ``session_ttl_s`` (for the split leader, when it is a peer)."""
+    def active_sessions_view(self) -> dict[str, dict[str, list[object]]]:
+        """``/sessions``: per pool, the sessions this control plane's Envoys served within
+        the pool's ``session_ttl_s``, each as [ring hash (16 hex) or null, endpoint id,
+        last seen (unix s)]: the leader's splits and pins count them when it is a peer."""
         now = time.time()
-        return {name: self.traffic.window.active_sessions(name, now, pool.session_ttl_s)
-                for name, pool in self.state.config().pools.items()}
+        view: dict[str, dict[str, list[object]]] = {}
+        for name, pool in self.state.config().pools.items():
+            sessions = self._own_placements(name, now, pool.session_ttl_s)
+            view[name] = {h: [None if a.ring_hash is None else f"{a.ring_hash:016x}",
+                              a.endpoint, round(a.seen, 3)] for h, a in sessions.items()}
+        return view
+
+    def _own_placements(self, pool: str, now: float, ttl_s: float) -> dict[str, Active]:
+        result = {}
+        for session, placed in self.traffic.window.placements(pool, now, ttl_s).items():
+            endpoint = self._endpoint_at(pool, placed.address)
+            if endpoint is not None:
+                result[session] = Active(placed.ring_hash, endpoint, placed.seen)
+        return result
+
+    def placements(self, pool: str, now: float, ttl_s: float) -> dict[str, Active]:
+        """Active sessions of ``pool`` as this control plane's and its peers' Envoys saw
+        them, the most recent report of each."""
+        merged = self._own_placements(pool, now, ttl_s)
+        for report in self.sessions.reports.values():
+            view = report.get(pool) if isinstance(report, dict) else None
+            if not isinstance(view, dict):
+                continue
+            for session, item in view.items():
+                active = peer_active(item)
+                if active is not None and now - active.seen <= ttl_s and (
+                        session not in merged or merged[session].seen < active.seen):
+                    merged[session] = active
+        return merged
 
     async def _poll_peers(self) -> None:
         logged: set[str] = set()
@@ -191,6 +254,64 @@ class ControlPlane:
             self._start_resolve(host)
         return self.resolver.answers.get(host)
 
+    def _on_ack(self) -> None:
+        if self._held_since:
+            self.changed()  # a held ring change may be free to go
+
+    def _filter_acked(self, resources: Mapping[str, Mapping[str, Message]]) -> bool:
+        """Whether every connected Envoy acknowledged the filter config in ``resources``
+        (it holds the pins): it must be the one published, acknowledged by each."""
+        current = self.builder.current
+        mine = resources.get(types.EXTENSION_CONFIG, {})
+        published = current.resources.get(types.EXTENSION_CONFIG, {})
+        if set(mine) != set(published) or not all(
+                published[name] is resource or published[name] == resource
+                for name, resource in mine.items()):
+            return False
+        version = current.version(types.EXTENSION_CONFIG)
+        acked = self.servicer.stats.acked
+        return all(acked.get(node, {}).get(SHORT_NAMES[types.EXTENSION_CONFIG]) == version
+                   for node in self.servicer.stats.connected.values())
+
+    def _hold_ring_changes(self, config: Config, resources: dict[str, dict[str, Message]]
+                           ) -> set[str]:
+        """Keep the published cluster and endpoints of every ring-hash pool whose ring gains
+        points (a host added, heavier, back from cold: sessions of other hosts could move)
+        until the leader stored the pins for the new ring and every Envoy acknowledged the
+        filter that carries them; at most HOLD_MAX_S. Returns the pools held."""
+        held: set[str] = set()
+        now = time.monotonic()
+        acked: bool | None = None
+        for name, pool in config.pools.items():
+            routes = self.translator.routes(name)
+            published = self._rings.get(name)
+            if pool.lb != "ring_hash" or routes is None or published is None or not gains(
+                    published[0], ring_points(routes)):
+                self._held_since.pop(name, None)
+                continue
+            table = config.pins.get(name)
+            if table is not None and table.ring == ring_id(pool, routes):
+                acked = self._filter_acked(resources) if acked is None else acked
+                if acked:
+                    self._held_since.pop(name, None)
+                    continue
+            since = self._held_since.get(name)
+            if since is None:
+                self._held_since[name] = since = now
+                self.rings_held += 1
+                self.pins.poke()
+            elif now - since > HOLD_MAX_S:
+                log.warning("pools/%s: ring change published without its pins after %.1f s "
+                            "(no leader, or an Envoy did not acknowledge); active sessions "
+                            "may move", name, HOLD_MAX_S)
+                self.hold_timeouts += 1
+                del self._held_since[name]
+                continue
+            resources[types.CLUSTER][name] = published[1]
+            resources[types.ENDPOINT][name] = published[2]
+            held.add(name)
+        return held
+
     def rebuild(self, revision: int | None = None) -> None:
         """Translate the current config; publish only when the snapshot changed."""
         if not self.follower.synced_revision:
@@ -205,6 +326,15 @@ class ControlPlane:
                                               time.time(), self.dns_epoch)
         self._report_splits()
         self.split_writer.poke()
+        self.pins.poke()
+        held = self._hold_ring_changes(config, resources)
+        for name in config.pools:
+            routes = self.translator.routes(name)
+            if name not in held and routes is not None:
+                self._rings[name] = (ring_points(routes), resources[types.CLUSTER][name],
+                                     resources[types.ENDPOINT][name])
+        for gone in set(self._rings) - set(config.pools):
+            del self._rings[gone]
         try:
             snapshot = self.builder.update(resources, revision or self.state.revision)
         except InconsistentSnapshot as exc:
@@ -273,7 +403,35 @@ class ControlPlane:
             gone = any(arm.pool not in routes.pools for arm in arms)
             degraded.set(2.0 if routes.table is None else float(gone), routes.split.model)
         return [connected, responses, nacks, published, revision, etcd_up, etcd_revision, lag,
-                rejected, slots, degraded, leader, *self.traffic.families()]
+                rejected, slots, degraded, leader, *self._pin_families(),
+                *self.traffic.families()]
+
+    def _pin_families(self) -> list[Family]:
+        config = self.state.config()
+        pins = Family("hotpath_pins", "gauge", "pins in force per pool (pins/<pool>)",
+                      ("pool",))
+        for name, table in config.pins.items():
+            pins.set(len(table.pins), name)
+        families = [pins]
+        counters = self.pins.counters
+        for what, counts, text in (
+                ("added", counters.added, "active sessions pinned by a ring change (kept)"),
+                ("expired", counters.expired, "pins ended: session idle for session_ttl_s"),
+                ("dropped", counters.dropped, "pins ended: host down, cold or gone (moved)"),
+                ("released", counters.released, "pins ended: the ring agrees with them"),
+                ("capped", counters.capped, "pins ended: over the per-pool cap (moved)")):
+            family = Family(f"hotpath_pins_{what}_total", "counter", text + "; leader only",
+                            ("pool",))
+            for pool, count in counts.items():
+                family.set(count, pool)
+            families.append(family)
+        held = Family("hotpath_ring_changes_held_total", "counter",
+                      "ring changes held until their pins were stored and acknowledged", ())
+        held.set(self.rings_held)
+        timeouts = Family("hotpath_ring_changes_unpinned_total", "counter",
+                          "ring changes published without their pins (hold timed out)", ())
+        timeouts.set(self.hold_timeouts)
+        return [*families, held, timeouts]
 
     def _start_resolve(self, host: str) -> None:
         self._resolving.add(host)
@@ -314,6 +472,9 @@ class ControlPlane:
         """Rebuild when etcd changed (after at most DEBOUNCE_S) or when a status goes stale."""
         while True:
             wait = self.translator.next_change() + STALE_MARGIN_S - time.time()
+            if self._held_since:
+                wait = min(wait, min(self._held_since.values()) + HOLD_MAX_S + STALE_MARGIN_S
+                           - time.monotonic())
             if not self._dirty.is_set() and wait > 0:
                 try:
                     await asyncio.wait_for(self._dirty.wait(),
@@ -345,6 +506,7 @@ class ControlPlane:
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),
             asyncio.create_task(self._refresh_dns(), name="dns"),
             asyncio.create_task(self.split_writer.run(), name="split-slots"),
+            asyncio.create_task(self.pins.run(), name="pins"),
             asyncio.create_task(self._poll_peers(), name="peer-sessions"),
         ]
         if ready is not None:

@@ -9,7 +9,9 @@ MODEL_HEADER = "x-hotpath-model"
 SESSION_HEADER = "x-hotpath-session"
 # Set on replies the Lua filter makes itself: already shaped, never rewritten again.
 LUA_REPLY_HEADER = "x-hotpath-lua-reply"
-INTERNAL_HEADERS = (MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER)
+# The host ("ip:port") a pinned session goes to: read by the override-host load balancer.
+PIN_HEADER = "x-hotpath-pin"
+INTERNAL_HEADERS = (MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER, PIN_HEADER)
 # The response header that echoes the session key used.
 SESSION_ECHO_HEADER = "x-session-id"
 DEFAULT_SESSION_HEADER = "x-session-id"

@@ -11,7 +11,21 @@ local SESSION_HEADER = CONFIG.session_header_internal or "x-hotpath-session"
 -- skip requests carrying this header, so the filter's JSON body goes out unchanged.
 local LUA_REPLY_HEADER = CONFIG.lua_reply_header or "x-hotpath-lua-reply"
 local METADATA_NS = CONFIG.metadata_namespace or "envoy.filters.http.lua"
-local INTERNAL_HEADERS = { MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER }
+-- The cluster's override-host balancer sends a request carrying it to that host.
+local PIN_HEADER = CONFIG.pin_header or "x-hotpath-pin"
+local INTERNAL_HEADERS = { MODEL_HEADER, SESSION_HEADER, LUA_REPLY_HEADER, PIN_HEADER }
+-- Pins of active sessions (control_plane/affinity/), rendered per pool as host -> comma list
+-- of session hashes (one Lua constant per host, not per pin): pool -> hash -> "ip:port".
+local PINS = {}
+for pool, hosts in pairs(CONFIG.pins or {}) do
+  local pinned = {}
+  for address, list in pairs(hosts) do
+    for hash in string.gmatch(list, "[^,]+") do
+      pinned[hash] = address
+    end
+  end
+  PINS[pool] = pinned
+end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
@@ -88,7 +102,15 @@ function envoy_on_request(handle)
     -- (x-session-id) is a route response header formatted from the request header, so the
     -- filter has no response path at all.
     local metadata = handle:streamInfo():dynamicMetadata()
-    metadata:set(METADATA_NS, "session_hash", result.session_hash or HOTPATH.hash(result.session))
+    local session_hash = result.session_hash or HOTPATH.hash(result.session)
+    metadata:set(METADATA_NS, "session_hash", session_hash)
+    -- Where the ring puts this key: the control plane computes ring changes from it.
+    metadata:set(METADATA_NS, "ring_hash", HOTPATH.ring_hash(result.session))
+    local pinned = PINS[result.pool]
+    local host = pinned and pinned[session_hash]
+    if host then
+      headers:replace(PIN_HEADER, host)
+    end
     if result.split then
       -- Per (model, arm) metrics in the control plane read these from the access log.
       metadata:set(METADATA_NS, "split_model", result.split)

@@ -664,6 +664,65 @@ function M.hash(s)
 end
 
 ---------------------------------------------------------------------------------------------
+-- Ring position: XXH64 (seed 0) of the session key, the hash Envoy's header hash policy puts
+-- on the ring (control_plane/affinity/ring.py mirrors the ring). uint64_t cdata arithmetic
+-- wraps modulo 2^64 and `bit` accepts 64-bit cdata; lanes are little-endian loads.
+
+local ffi = require("ffi")
+local U64 = ffi.typeof("uint64_t")
+local U64P, U32P, U8P = ffi.typeof("const uint64_t *"), ffi.typeof("const uint32_t *"),
+  ffi.typeof("const uint8_t *")
+local X1, X2 = 0x9E3779B185EBCA87ULL, 0xC2B2AE3D27D4EB4FULL
+local X3, X4, X5 = 0x165667B19E3779F9ULL, 0x85EBCA77C2B2AE63ULL, 0x27D4EB2F165667C5ULL
+
+local function xround(acc, lane)
+  return rol(acc + lane * X2, 31) * X1
+end
+
+local function xmerge(acc, v)
+  return bxor(acc, xround(0ULL, v)) * X1 + X4
+end
+
+-- 16 lowercase hex digits.
+function M.ring_hash(s)
+  local len = #s
+  local p = ffi.cast(U8P, s)
+  local i = 0
+  local h
+  if len >= 32 then
+    local v1, v2, v3, v4 = X1 + X2, U64(X2), 0ULL, 0ULL - X1
+    while i + 32 <= len do
+      v1 = xround(v1, ffi.cast(U64P, p + i)[0])
+      v2 = xround(v2, ffi.cast(U64P, p + i + 8)[0])
+      v3 = xround(v3, ffi.cast(U64P, p + i + 16)[0])
+      v4 = xround(v4, ffi.cast(U64P, p + i + 24)[0])
+      i = i + 32
+    end
+    h = rol(v1, 1) + rol(v2, 7) + rol(v3, 12) + rol(v4, 18)
+    h = xmerge(xmerge(xmerge(xmerge(h, v1), v2), v3), v4)
+  else
+    h = U64(X5)
+  end
+  h = h + len
+  while i + 8 <= len do
+    h = rol(bxor(h, xround(0ULL, ffi.cast(U64P, p + i)[0])), 27) * X1 + X4
+    i = i + 8
+  end
+  if i + 4 <= len then
+    h = rol(bxor(h, ffi.cast(U32P, p + i)[0] * X1), 23) * X2 + X3
+    i = i + 4
+  end
+  while i < len do
+    h = rol(bxor(h, p[i] * X5), 11) * X1
+    i = i + 1
+  end
+  h = bxor(h, rshift(h, 33)) * X2
+  h = bxor(h, rshift(h, 29)) * X3
+  h = bxor(h, rshift(h, 32))
+  return tohex(h)
+end
+
+---------------------------------------------------------------------------------------------
 -- Session keys.
 
 -- Hash input of a list of strings; length prefixes keep the boundaries unambiguous.

@@ -140,6 +140,17 @@ class ControlPlaneProcess:
         return self.log.read_text(errors="replace")
 
 
+def ring_hash_settings(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The RingHash config inside a cluster's JSON (override-host -> ring hash)."""
+    policy = cluster.get("load_balancing_policy", {})
+    while policy:
+        config = policy["policies"][0]["typed_extension_config"]["typed_config"]
+        if config["@type"].endswith("RingHash"):
+            return {k: v for k, v in config.items() if k != "@type"}
+        policy = config.get("fallback_policy", {})
+    return {}
+
+
 @dataclass
 class EnvoyProcess:
     tmp: Path
@@ -188,6 +199,16 @@ class EnvoyProcess:
                 for item in section.get("dynamic_route_configs", []):
                     found["rds"] = item.get("version_info", "")
         return found
+
+    def ring_config(self, cluster: str) -> dict[str, Any]:
+        """The cluster's ring-hash settings as Envoy applied them ({} while it has none):
+        the fallback of its override-host policy (translate/clusters.py)."""
+        for section in self.config_dump()["configs"]:
+            if section["@type"].endswith("ClustersConfigDump"):
+                for item in section.get("dynamic_active_clusters", []):
+                    if item["cluster"]["name"] == cluster:
+                        return ring_hash_settings(item["cluster"])
+        return {}
 
     def hosts(self, cluster: str) -> dict[str, str]:
         """hostname -> health (healthy, degraded, unhealthy, ejected) as Envoy sees it."""
@@ -268,6 +289,13 @@ class Stack:
                 await client.kv.put(self.etcd.prefix + key, value)
             else:
                 await put_json(client, self.etcd, key, value)
+
+    async def get_json(self, key: str) -> Any:
+        """The JSON value of ``key`` under the prefix (None: no such key)."""
+        async with etcd_client(self.etcd) as client:
+            assert client.kv is not None
+            reply = await client.kv.get(self.etcd.prefix + key, timeout=5)
+            return json.loads(reply.kvs[0].value) if reply.kvs else None
 
     async def delete(self, key: str) -> None:
         async with etcd_client(self.etcd) as client:

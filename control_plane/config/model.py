@@ -14,12 +14,15 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from control_plane import contract
 from control_plane.config import limits
 from control_plane.contract import DEFAULT_SESSION_HEADER
 from control_plane.errors import ConfigError
+
+if TYPE_CHECKING:
+    from control_plane.config.pins import PinTable
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 HEADER_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
@@ -125,6 +128,8 @@ class Config:
     # splits/<model> in force, and the leader's split-slots/<model> tables (valid ones).
     splits: Mapping[str, Split] = field(default_factory=dict)
     split_slots: Mapping[str, SplitSlots] = field(default_factory=dict)
+    # The leader's pins/<pool> tables (valid ones).
+    pins: Mapping[str, PinTable] = field(default_factory=dict)
 
 
 def is_ip(value: str) -> bool:
@@ -145,7 +150,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _load_object(key: str, raw: bytes | str) -> dict[str, Any]:
+def load_object(key: str, raw: bytes | str) -> dict[str, Any]:
     try:
         # NaN/Infinity are not JSON; Python accepts them, and a NaN timestamp never goes stale.
         value = json.loads(raw, parse_constant=_reject_constant)
@@ -161,7 +166,7 @@ def _load_object(key: str, raw: bytes | str) -> dict[str, Any]:
     return value
 
 
-def _reject_unknown(key: str, value: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+def reject_unknown(key: str, value: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(value) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -247,8 +252,8 @@ def _session_headers(key: str, value: Mapping[str, Any]) -> tuple[str, ...]:
 
 def parse_pool(key: str, name: str, raw: bytes | str) -> Pool:
     check_name(key, "pool name", name)
-    value = _load_object(key, raw)
-    _reject_unknown(key, value, _POOL_FIELDS)
+    value = load_object(key, raw)
+    reject_unknown(key, value, _POOL_FIELDS)
     if "models" not in value:
         raise ConfigError(key, "models is required (a list of model names)")
     models = value["models"]
@@ -316,8 +321,8 @@ _ENDPOINT_FIELDS = ("address", "port", "weight")
 def parse_endpoint(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Endpoint:
     check_name(key, "pool name", pool)
     check_name(key, "endpoint id", endpoint_id)
-    value = _load_object(key, raw)
-    _reject_unknown(key, value, _ENDPOINT_FIELDS)
+    value = load_object(key, raw)
+    reject_unknown(key, value, _ENDPOINT_FIELDS)
     if "address" not in value:
         raise ConfigError(key, "address is required (an IP or hostname)")
     address = value["address"]
@@ -340,8 +345,8 @@ _STATUS_FIELDS = ("state", "ttft_ms", "checked_at", "source", "traffic")
 def parse_status(key: str, pool: str, endpoint_id: str, raw: bytes | str) -> Status:
     check_name(key, "pool name", pool)
     check_name(key, "endpoint id", endpoint_id)
-    value = _load_object(key, raw)
-    _reject_unknown(key, value, _STATUS_FIELDS)
+    value = load_object(key, raw)
+    reject_unknown(key, value, _STATUS_FIELDS)
     try:
         state = WarmState(str(value.get("state")))
     except ValueError:
@@ -374,7 +379,7 @@ _TRAFFIC_FIELDS = ("p50_ms", "p90_ms", "rps", "window_s")
 def _traffic_summary(key: str, value: Any) -> TrafficSummary:
     if not isinstance(value, dict):
         raise ConfigError(key, f"traffic must be an object, got {json.dumps(value)}")
-    _reject_unknown(key, value, _TRAFFIC_FIELDS)
+    reject_unknown(key, value, _TRAFFIC_FIELDS)
     numbers = {}
     for name in _TRAFFIC_FIELDS:
         if name not in value:
@@ -480,8 +485,8 @@ _ARM_FIELDS = ("pool", "weight", "served_model")
 
 def parse_split(key: str, model: str, raw: bytes | str) -> Split:
     _check_model_name(key, "split model", model)
-    value = _load_object(key, raw)
-    _reject_unknown(key, value, _SPLIT_FIELDS)
+    value = load_object(key, raw)
+    reject_unknown(key, value, _SPLIT_FIELDS)
     arms = value.get("arms")
     if not isinstance(arms, list) or not 1 <= len(arms) <= MAX_SPLIT_ARMS:
         raise ConfigError(key, f"arms must be a list of 1-{MAX_SPLIT_ARMS} arms, got "
@@ -532,8 +537,8 @@ def parse_split_slots(key: str, model: str, raw: bytes | str, slot_count: int) -
     """``{"arms": [pool, ...], "slots": "<one arm index per slot>"}``; ``slot_count`` is the
     table size both the control plane and the Lua filter use."""
     _check_model_name(key, "split model", model)
-    value = _load_object(key, raw)
-    _reject_unknown(key, value, _SPLIT_SLOTS_FIELDS)
+    value = load_object(key, raw)
+    reject_unknown(key, value, _SPLIT_SLOTS_FIELDS)
     pools = value.get("arms")
     if (not isinstance(pools, list) or not 1 <= len(pools) <= MAX_SPLIT_ARMS
             or not all(isinstance(p, str) and NAME_RE.fullmatch(p) for p in pools)

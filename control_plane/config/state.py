@@ -30,7 +30,8 @@ agree:
   sessions to the others). After a restart the control plane cannot tell whether a pool
   that is gone now existed when the split was written: such a value is taken as degraded,
   and one naming a pool created after it as refused.
-- ``split-slots/<model>`` (the leader's tables): like endpoints, the newest valid value.
+- ``split-slots/<model>`` (the leader's tables) and ``pins/<pool>`` (the leader's pin
+  tables): like endpoints, the newest valid value.
 - A delete ends a key's history; a key created again starts a new one.
 """
 
@@ -53,10 +54,11 @@ from control_plane.config.model import (
     parse_split_slots,
     parse_status,
 )
+from control_plane.config.pins import PinTable, parse_pins
 from control_plane.config.splits import SLOTS
 from control_plane.errors import ConfigError
 
-Parsed = Pool | Endpoint | Status | Split | SplitSlots
+Parsed = Pool | Endpoint | Status | Split | SplitSlots | PinTable
 
 SPLITS = "splits/"
 SPLIT_SLOTS = "split-slots/"
@@ -96,6 +98,8 @@ def parse_value(key: str, value: bytes) -> Parsed:
             return parse_split(key, key[len(SPLITS):], value)
         if key.startswith(SPLIT_SLOTS) and len(key) > len(SPLIT_SLOTS):
             return parse_split_slots(key, key[len(SPLIT_SLOTS):], value, SLOTS)
+        if kind == "pins" and len(parts) == 2:
+            return parse_pins(key, parts[1], value)
         if kind == "pools" and len(parts) == 2:
             return parse_pool(key, parts[1], value)
         if kind == "endpoints" and len(parts) == 3:
@@ -111,7 +115,7 @@ def parse_value(key: str, value: bytes) -> Parsed:
                                f"{str(exc)[:200]})") from None
     raise ConfigError(
         key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id>, status/<pool>/<id>, "
-             "splits/<model> or split-slots/<model>)"
+             "splits/<model>, split-slots/<model> or pins/<pool>)"
     )
 
 
@@ -138,6 +142,7 @@ class ConfigState:
         self._statuses: dict[tuple[str, str], Status] = {}
         self._splits: dict[str, Split] = {}
         self._split_slots: dict[str, SplitSlots] = {}
+        self._pins: dict[str, PinTable] = {}
         self._rejected: dict[str, str] = {}
         self.revision = 0
 
@@ -242,6 +247,8 @@ class ConfigState:
             return key[len(SPLITS):] in self._splits and key in self._keys
         if key.startswith(SPLIT_SLOTS):
             return key[len(SPLIT_SLOTS):] in self._split_slots
+        if parts[0] == "pins" and len(parts) == 2:
+            return parts[1] in self._pins
         return False
 
     # -- internals -----------------------------------------------------------------------
@@ -316,6 +323,8 @@ class ConfigState:
             table = self._statuses
         elif key.startswith(SPLIT_SLOTS):
             self._settle_slots(key, entry)
+        elif len(parts) == 2 and parts[0] == "pins":
+            self._settle_pins(parts[1], entry)
         if entry is None or not isinstance(entry.latest, str):
             self._rejected.pop(key, None)
         else:
@@ -343,6 +352,16 @@ class ConfigState:
             self._split_slots[model] = value
         else:
             self._split_slots.pop(model, None)
+
+    def _settle_pins(self, pool: str, entry: _Key | None) -> None:
+        value: Parsed | None = None
+        if entry is not None:
+            value = entry.latest if not isinstance(entry.latest, str) else (
+                entry.history[0][1] if entry.history else None)
+        if isinstance(value, PinTable):
+            self._pins[pool] = value
+        else:
+            self._pins.pop(pool, None)
 
     def _split_claims(self) -> dict[str, int]:
         """Split model -> its key's create revision, for split keys with a valid value."""
@@ -422,4 +441,5 @@ class ConfigState:
             statuses.setdefault(pool, {})[endpoint_id] = status
         return Config(pools=dict(sorted(self._pools.items())), endpoints=endpoints,
                       statuses=statuses, splits=dict(sorted(self._splits.items())),
-                      split_slots=dict(sorted(self._split_slots.items())))
+                      split_slots=dict(sorted(self._split_slots.items())),
+                      pins=dict(sorted(self._pins.items())))

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from etcd3aio import Etcd3Client
 
@@ -47,9 +48,10 @@ class PeerSessions:
     def __init__(self, own: Callable[[str, float, float], list[str]], peers: int) -> None:
         self.own = own
         self.peers = peers
-        self.reports: dict[str, dict[str, list[str]] | None] = {}  # peer URL -> its view
+        # peer URL -> its view: pool -> session hash -> [ring hash, endpoint, seen]
+        self.reports: dict[str, dict[str, Any] | None] = {}
 
-    def seen(self, url: str, report: dict[str, list[str]] | None) -> None:
+    def seen(self, url: str, report: dict[str, Any] | None) -> None:
         """A peer's latest ``/sessions`` answer (None: it did not answer)."""
         self.reports[url] = report
 

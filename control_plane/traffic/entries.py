@@ -24,6 +24,8 @@ TAG_ELAPSED_MS = "elapsed_ms"
 FIRST_BODY_FORMAT = "%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_BEG:ms)%"
 ELAPSED_FORMAT = "%DURATION%"
 SESSION_HASH_KEY = "session_hash"
+# Set by the Lua filter: XXH64 of the session key (16 hex), its place on the ring.
+RING_HASH_KEY = "ring_hash"
 # Set by the Lua filter on a split's requests: the split's model and the arm index.
 SPLIT_MODEL_KEY = "split_model"
 SPLIT_ARM_KEY = "split_arm"
@@ -44,6 +46,7 @@ class Observation:
     upstream_failure: bool  # no host answered: connect failure, reset, overflow
     session_hash: str | None
     split: tuple[str, str] | None = None  # (split model, arm index) of a split's request
+    ring_hash: int | None = None  # where the session key lands on a ring (affinity/ring.py)
 
 
 def _number(tags: Mapping[str, str], name: str) -> float | None:
@@ -71,6 +74,12 @@ def observe(node: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation |
     metadata = common.metadata.filter_metadata.get(LUA_METADATA_NS)
     if metadata is not None and SESSION_HASH_KEY in metadata.fields:
         session = metadata.fields[SESSION_HASH_KEY].string_value or None
+    ring_hash = None
+    if metadata is not None and RING_HASH_KEY in metadata.fields:
+        try:
+            ring_hash = int(metadata.fields[RING_HASH_KEY].string_value, 16)
+        except ValueError:
+            ring_hash = None
     if metadata is not None and SPLIT_MODEL_KEY in metadata.fields:
         split = (metadata.fields[SPLIT_MODEL_KEY].string_value,
                  metadata.fields[SPLIT_ARM_KEY].string_value if SPLIT_ARM_KEY in
@@ -92,4 +101,5 @@ def observe(node: str, entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation |
                               or flags.upstream_connection_termination),
         session_hash=session,
         split=split,
+        ring_hash=ring_hash if ring_hash is not None and ring_hash < 1 << 64 else None,
     )

@@ -14,8 +14,10 @@ upstream address), what the prober needs to judge warmth:
   stream says it has no data instead of inventing any (0 requests with ``covered_s`` 0).
 
 For splits, ``active_sessions`` gives the session hashes a pool served within a TTL (the
-pool's ``session_ttl_s``): the split leader leaves their slots alone. At most
-``MAX_ACTIVE_SESSIONS`` per pool are kept, the least recently seen dropped first.
+pool's ``session_ttl_s``): the split leader leaves their slots alone. ``placements`` adds,
+per session, where it lands on a ring and the host that served it last: the pins of a ring
+change are computed from them (affinity/plan.py). At most ``MAX_ACTIVE_SESSIONS`` per pool
+are kept, the least recently seen dropped first.
 
 A request in flight whose periodic entries stop (its Envoy went away) is dropped after
 ``STALE_FLIGHT_S``. Entries are never sampled: every request counts.
@@ -41,6 +43,15 @@ MAX_SAMPLES = 128
 MAX_ACTIVE_SESSIONS = 100_000
 
 Endpoint = tuple[str, str]  # (pool, "ip:port")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an active session was served last."""
+
+    seen: float  # when (the control plane's clock)
+    address: str  # "ip:port" of the host
+    ring_hash: int | None  # its key's place on a ring (None: an older filter)
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,8 @@ class TrafficWindow:
     _ended: dict[Endpoint, deque[_Ended]] = field(default_factory=dict)
     _streams: int = 0  # Envoy access-log streams connected now
     _covered_since: float | None = None  # since when some stream has been connected
-    # pool -> session hash -> last seen, least recently seen first (splits).
-    _sessions: dict[str, OrderedDict[str, float]] = field(default_factory=dict)
+    # pool -> session hash -> placement, least recently seen first.
+    _sessions: dict[str, OrderedDict[str, Placement]] = field(default_factory=dict)
 
     def connected(self, now: float) -> None:
         if self._streams == 0:
@@ -103,7 +114,12 @@ class TrafficWindow:
         endpoint = (obs.pool, obs.address)
         if obs.session_hash:
             seen = self._sessions.setdefault(obs.pool, OrderedDict())
-            seen[obs.session_hash] = now
+            old = seen.get(obs.session_hash)
+            if obs.upstream_failure and old is not None:
+                # No host answered: the session is where it was served last.
+                seen[obs.session_hash] = Placement(now, old.address, old.ring_hash)
+            else:
+                seen[obs.session_hash] = Placement(now, obs.address, obs.ring_hash)
             seen.move_to_end(obs.session_hash)
             if len(seen) > MAX_ACTIVE_SESSIONS:
                 seen.popitem(last=False)
@@ -122,12 +138,16 @@ class TrafficWindow:
     def active_sessions(self, pool: str, now: float, ttl_s: float) -> list[str]:
         """Session hashes ``pool`` served (or is serving) within the last ``ttl_s``; older
         ones are forgotten."""
+        return list(self.placements(pool, now, ttl_s))
+
+    def placements(self, pool: str, now: float, ttl_s: float) -> dict[str, Placement]:
+        """Like ``active_sessions``, with each session's placement."""
         seen = self._sessions.get(pool)
         if seen is None:
-            return []
-        while seen and now - next(iter(seen.values())) > ttl_s:
+            return {}
+        while seen and now - next(iter(seen.values())).seen > ttl_s:
             seen.popitem(last=False)
-        return list(seen)
+        return dict(seen)
 
     def _expire(self, now: float) -> None:
         for stream in [s for s, f in self._flights.items() if now - f.seen_at > STALE_FLIGHT_S]:

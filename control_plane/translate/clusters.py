@@ -6,12 +6,16 @@ import logging
 from collections.abc import Mapping
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2
+from envoy.extensions.load_balancing_policies.common.v3 import common_pb2
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.load_balancing_policies.ring_hash.v3 import ring_hash_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from control_plane.config import limits
 from control_plane.config.model import Pool
+from control_plane.contract import PIN_HEADER
 from control_plane.translate.warmth import Route, ring_size
 
 log = logging.getLogger("hotpath.translate")
@@ -77,6 +81,36 @@ def _seconds(value: float) -> duration_pb2.Duration:
     return duration
 
 
+def _policy(name: str, config: ring_hash_pb2.RingHash | override_host_pb2.OverrideHost
+            ) -> cluster_pb2.LoadBalancingPolicy:
+    packed = any_pb2.Any()
+    packed.Pack(config, deterministic=True)
+    return cluster_pb2.LoadBalancingPolicy(policies=[cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(name=name,
+                                                                  typed_config=packed))])
+
+
+def _pinned_ring(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.LoadBalancingPolicy:
+    """Ring hash behind Envoy's override-host policy: a request carrying ``x-hotpath-pin``
+    (the Lua filter sets it from the pin table, affinity/) goes to that host if it is in the
+    cluster, else, and on every retry, to the ring. Measured on Envoy 1.40: the override
+    does not check health, so a pin to a dead host costs one refused connection and the
+    retry goes to the ring (routes.py retries connect failures); the control plane drops the
+    pin in the same push that marks the host down."""
+    ring = ring_hash_pb2.RingHash(hash_function=ring_hash_pb2.RingHash.XX_HASH)
+    ring.minimum_ring_size.value = minimum_ring_size(pool, routes)
+    ring.maximum_ring_size.value = MAX_RING_SIZE
+    if pool.hash_balance_factor:
+        # UInt32Value >= 100: model.py validates against config/limits.py.
+        ring.consistent_hashing_lb_config.CopyFrom(common_pb2.ConsistentHashingLbConfig(
+            hash_balance_factor=wrappers_pb2.UInt32Value(value=pool.hash_balance_factor)))
+    override = override_host_pb2.OverrideHost(
+        override_host_sources=[override_host_pb2.OverrideHost.OverrideHostSource(
+            header=PIN_HEADER)],
+        fallback_policy=_policy("envoy.load_balancing_policies.ring_hash", ring))
+    return _policy("envoy.load_balancing_policies.override_host", override)
+
+
 def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluster:
     """The cluster of one pool. ``routes`` (translate/warmth.py ``pool_routes`` of the
     endpoints in EDS) size the ring so that only a changed host's sessions move."""
@@ -90,7 +124,6 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
             ),
         ),
         connect_timeout=_seconds(2),
-        lb_policy=_LB[pool.lb],
         # Request bodies may be as large as the gateway's body limit.
         per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=32 * 1024 * 1024),
     )
@@ -98,18 +131,13 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
     # 2-3 host GPU pools: the default 50% panic threshold would send traffic to a dead host as
     # soon as one of two is down. Disabled: unhealthy hosts never get traffic.
     common.healthy_panic_threshold.CopyFrom(percent_pb2.Percent(value=0.0))
-    if pool.lb in HASHED:
-        if pool.hash_balance_factor:
-            # UInt32Value >= 100: model.py validates against config/limits.py.
-            common.consistent_hashing_lb_config.hash_balance_factor.value = (
-                pool.hash_balance_factor
-            )
     if pool.lb == "ring_hash":
-        cluster.ring_hash_lb_config.minimum_ring_size.value = minimum_ring_size(pool, routes)
-        cluster.ring_hash_lb_config.maximum_ring_size.value = MAX_RING_SIZE
-        cluster.ring_hash_lb_config.hash_function = (
-            cluster_pb2.Cluster.RingHashLbConfig.XX_HASH
-        )
+        cluster.load_balancing_policy.CopyFrom(_pinned_ring(pool, routes))
+    else:
+        cluster.lb_policy = _LB[pool.lb]
+    if pool.lb == "maglev" and pool.hash_balance_factor:
+        # UInt32Value >= 100: model.py validates against config/limits.py.
+        common.consistent_hashing_lb_config.hash_balance_factor.value = pool.hash_balance_factor
     if pool.lb not in HASHED:
         cluster.outlier_detection.CopyFrom(
             outlier_detection_pb2.OutlierDetection(
@@ -137,3 +165,18 @@ def build_cluster(pool: Pool, routes: Mapping[str, Route]) -> cluster_pb2.Cluste
         )
     )
     return cluster
+
+
+def ring_settings(cluster: cluster_pb2.Cluster) -> ring_hash_pb2.RingHash | None:
+    """The ring-hash settings of a cluster built here (None: not a ring-hash cluster)."""
+    policies = cluster.load_balancing_policy.policies
+    while policies:
+        packed = policies[0].typed_extension_config.typed_config
+        ring = ring_hash_pb2.RingHash()
+        if packed.Unpack(ring):
+            return ring
+        override = override_host_pb2.OverrideHost()
+        if not packed.Unpack(override):
+            return None
+        policies = override.fallback_policy.policies
+    return None

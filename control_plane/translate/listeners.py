@@ -180,13 +180,19 @@ LUA_FILTER_CONFIG_NAME = "hotpath-lua"
 LUA_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 
 
+# pool -> ("ip:port", comma-separated session hashes) pairs, sorted: hashable, for the cache.
+FilterPins = tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+
 @functools.lru_cache(maxsize=8)
-def build_lua_filter_config(settings: GatewaySettings) -> core_extension_pb2.TypedExtensionConfig:
-    """The ECDS resource the listener's Lua filter discovers: the filter's whole source.
-    Cached per settings, so an unchanged filter is the very object the snapshot builder
-    already knows (no re-serialization of ~40 KiB of Lua per rebuild)."""
+def build_lua_filter_config(settings: GatewaySettings, pins: FilterPins = ()
+                            ) -> core_extension_pb2.TypedExtensionConfig:
+    """The ECDS resource the listener's Lua filter discovers: the filter's whole source and
+    the pins of active sessions. Cached, so an unchanged filter is the very object the
+    snapshot builder already knows (no re-serialization of ~40 KiB of Lua per rebuild)."""
     lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
-        inline_string=render_lua_source(settings.max_body_bytes)))
+        inline_string=render_lua_source(settings.max_body_bytes,
+                                        {pool: dict(hosts) for pool, hosts in pins})))
     return core_extension_pb2.TypedExtensionConfig(name=LUA_FILTER_CONFIG_NAME,
                                                    typed_config=_any(lua))
 

@@ -67,8 +67,13 @@ def lua_literal(value: LuaValue) -> str:
     return "{" + ",".join(items) + "}"
 
 
-def render_lua_source(max_body_bytes: int) -> str:
-    """The complete inline Lua for the filter. It holds no pool config: that is route metadata."""
+# pool -> "ip:port" -> comma-separated session hashes pinned there (affinity/).
+LuaPins = Mapping[str, Mapping[str, str]]
+
+
+def render_lua_source(max_body_bytes: int, pins: LuaPins | None = None) -> str:
+    """The complete inline Lua for the filter. It holds no pool config (that is route
+    metadata), only the pins of active sessions."""
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes}")
     config: dict[str, LuaValue] = {
@@ -76,8 +81,11 @@ def render_lua_source(max_body_bytes: int) -> str:
         "model_header": contract.MODEL_HEADER,
         "session_header_internal": contract.SESSION_HEADER,
         "lua_reply_header": contract.LUA_REPLY_HEADER,
+        "pin_header": contract.PIN_HEADER,
         "metadata_namespace": contract.LUA_METADATA_NS,
     }
+    if pins:
+        config["pins"] = {pool: dict(hosts) for pool, hosts in pins.items() if hosts}
     return (
         f"HOTPATH = (function()\n{filter_asset('hotpath.lua')}\nend)()\n"
         f"HOTPATH_CONFIG = {lua_literal(config)}\n"

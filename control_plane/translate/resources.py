@@ -32,12 +32,13 @@ from control_plane.config.model import (
     Status,
     is_ip,
 )
+from control_plane.config.pins import PinTable
 from control_plane.config.splits import serving_table
 from control_plane.translate.clusters import build_cluster
 from control_plane.translate.endpoints import build_load_assignment
-from control_plane.translate.listeners import build_listener, build_lua_filter_config
+from control_plane.translate.listeners import FilterPins, build_listener, build_lua_filter_config
 from control_plane.translate.routes import SplitRoutes, build_route_configuration
-from control_plane.translate.warmth import Route, is_stale, pool_routes, stale_after_s
+from control_plane.translate.warmth import Route, is_stale, pinnable, pool_routes, stale_after_s
 from control_plane.xds import types
 
 # Endpoint -> its IP, or None while it is not (yet) resolved.
@@ -105,6 +106,9 @@ class Translator:
         # (split, stored table, arm pools present) -> serving table, for the splits in force.
         self._tables: dict[str, tuple[tuple[Split, SplitSlots | None, frozenset[str]],
                                       str | None]] = {}
+        # pool -> (pin table, routes, resolved) -> its pins for the filter, by host.
+        self._pins: dict[str, tuple[PinTable, dict[str, Route], dict[str, str],
+                                    tuple[tuple[str, str], ...]]] = {}
         self.rebuilt_pools = 0  # pools translated again, for tests and metrics
         self.splits: tuple[SplitRoutes, ...] = ()  # as last translated
 
@@ -144,9 +148,44 @@ class Translator:
             types.ENDPOINT: assignments,
             types.LISTENER: {getattr(listener, "name", ""): listener},
             # The Lua filter's config: ECDS, so a new filter never replaces the listener.
-            types.EXTENSION_CONFIG: {(lua := build_lua_filter_config(settings)).name: lua},
+            types.EXTENSION_CONFIG: {
+                (lua := build_lua_filter_config(settings, self.filter_pins(config))).name: lua},
             types.ROUTE: {getattr(route_config, "name", ""): route_config},
         }
+
+    def routes(self, pool: str) -> dict[str, Route] | None:
+        """The pool's routing as last translated (None: not translated)."""
+        entry = self._pools.get(pool)
+        return None if entry is None else entry.routes
+
+    def filter_pins(self, config: Config) -> FilterPins:
+        """The stored pins the filter applies: those of ring-hash pools whose endpoint is
+        pinnable now (a pin to a host gone down, cold or away is dropped at once), grouped
+        by the endpoint's "ip:port"."""
+        result = []
+        cache = {}
+        for name, table in config.pins.items():
+            entry = self._pools.get(name)
+            if entry is None or entry.pool.lb != "ring_hash":
+                continue
+            cached = self._pins.get(name)
+            if (cached is not None and cached[0] is table and cached[1] is entry.routes
+                    and cached[2] is entry.resolved):
+                grouped = cached[3]
+            else:
+                hosts = pinnable(entry.routes)
+                by_host: dict[str, list[str]] = {}
+                for session, pin in table.pins.items():
+                    ip = entry.resolved.get(pin.endpoint)
+                    if pin.endpoint in hosts and ip is not None:
+                        address = f"{ip}:{entry.endpoints[pin.endpoint].port}"
+                        by_host.setdefault(address, []).append(session)
+                grouped = tuple(sorted((a, ",".join(sorted(s))) for a, s in by_host.items()))
+            cache[name] = (table, entry.routes, entry.resolved, grouped)
+            if grouped:
+                result.append((name, grouped))
+        self._pins = cache
+        return tuple(result)
 
     def split_routes(self, config: Config) -> tuple[SplitRoutes, ...]:
         """Every split in force with its serving table (config/splits.py), memoized."""

@@ -173,3 +173,9 @@ def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping
 def ring_size(routes: Mapping[str, Route]) -> int:
     """The minimum ring size that gives each host in the ring exactly its ``ring_points``."""
     return sum(route.ring_points for route in routes.values())
+
+
+def pinnable(routes: Mapping[str, Route]) -> set[str]:
+    """Endpoints an active session may stay pinned to (affinity/): in EDS, not down, warm."""
+    return {eid for eid, route in routes.items()
+            if route.health != UNHEALTHY and route.state is WarmState.WARM}

@@ -25,7 +25,7 @@ from control_plane.errors import StartupError
 from control_plane.xds.delta import DeltaRequest, DeltaResponse, DeltaStream
 from control_plane.xds.protocol import AdsStream, Nack, Request, Response
 from control_plane.xds.snapshot import Snapshot
-from control_plane.xds.types import SHORT_NAMES
+from control_plane.xds.types import EXTENSION_CONFIG, SHORT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class AdsServicer:
         self.stats = XdsStats()
         self._stream_ids = itertools.count(1)
         self._wakers: set[asyncio.Event] = set()
+        # Called after an Envoy acknowledged a filter config (ECDS): held ring changes wait
+        # for it (app.py).
+        self.on_ack: Callable[[], None] | None = None
 
     def publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -270,6 +273,8 @@ class AdsServicer:
                 nack.message,
             )
         self.stats.acked.setdefault(node_id, {})[short] = acked
+        if nack is None and type_url == EXTENSION_CONFIG and self.on_ack is not None:
+            self.on_ack()
 
 
 @dataclass(frozen=True)

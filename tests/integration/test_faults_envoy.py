@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from control_plane.config import limits
-from tests.harness import Stack, Upstreams, async_wait_for, chat, wait_for
+from tests.harness import Stack, Upstreams, async_wait_for, chat, ring_hash_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ async def test_a_dead_host_moves_no_survivor_sessions(stack: Stack,
         orphans_moved = [key for key in orphans if down[key] != retried[key]]
         assert moved_after == [], f"{len(moved_after)} survivor sessions moved when marked down"
         assert orphans_moved == [], f"{len(orphans_moved)} of the dead host's sessions moved again"
-    rings = [c["cluster"]["ring_hash_lb_config"]["minimum_ring_size"]
+    rings = [ring_hash_settings(c["cluster"])["minimum_ring_size"]
              for section in ring["configs"] if section["@type"].endswith("ClustersConfigDump")
              for c in section.get("dynamic_active_clusters", [])
              if c["cluster"]["name"] == "gpu"]

@@ -21,13 +21,7 @@ KEYS = [f"session-{n}" for n in range(400)]
 
 
 def ring_config(envoy: EnvoyProcess, cluster: str) -> dict[str, Any]:
-    """The cluster's ring_hash_lb_config as Envoy applied it ({} while it has none)."""
-    for section in envoy.config_dump()["configs"]:
-        if section["@type"].endswith("ClustersConfigDump"):
-            for item in section.get("dynamic_active_clusters", []):
-                if item["cluster"]["name"] == cluster:
-                    return dict(item["cluster"].get("ring_hash_lb_config", {}))
-    return {}
+    return envoy.ring_config(cluster)
 
 
 async def picks(url: str, model: str) -> dict[str, str]:

@@ -221,7 +221,7 @@ def test_render_is_module_config_filter_and_deterministic() -> None:
     assert dict(config.items()) == {
         b"max_body_bytes": 123, b"model_header": b"x-hotpath-model",
         b"session_header_internal": b"x-hotpath-session",
-        b"lua_reply_header": b"x-hotpath-lua-reply",
+        b"lua_reply_header": b"x-hotpath-lua-reply", b"pin_header": b"x-hotpath-pin",
         b"metadata_namespace": b"envoy.filters.http.lua"}
 
 

@@ -28,6 +28,7 @@ from control_plane.config.model import (
     status_to_json,
 )
 from control_plane.errors import ConfigError
+from control_plane.translate.clusters import ring_settings
 from control_plane.translate.listeners import build_listener
 from control_plane.translate.resources import translate
 from control_plane.translate.routes import build_route_configuration
@@ -606,8 +607,10 @@ def test_numeric_field_at_its_bound_builds_resources_that_serialize(
             assert resource.SerializeToString(deterministic=True)
     if name == "hash_balance_factor" and lb != "round_robin":
         cluster = resources[types.CLUSTER]["chat"]
-        assert cluster.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value \
-            == bound
+        ring = ring_settings(cluster)
+        hashing = (ring if ring is not None else cluster.common_lb_config
+                   ).consistent_hashing_lb_config
+        assert hashing.hash_balance_factor.value == bound
 
 
 def test_hash_balance_factor_of_2_to_the_32_no_longer_reaches_the_builder() -> None:

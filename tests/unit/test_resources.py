@@ -23,6 +23,7 @@ from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.ring_hash.v3 import ring_hash_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf.json_format import MessageToDict
@@ -31,7 +32,7 @@ from google.protobuf.message import Message
 from control_plane.config import limits
 from control_plane.config.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
 from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
-from control_plane.translate.clusters import MAX_RING_SIZE
+from control_plane.translate.clusters import MAX_RING_SIZE, ring_settings
 from control_plane.translate.listeners import (
     LUA_FILTER_CONFIG_NAME,
     LUA_TYPE_URL,
@@ -161,12 +162,10 @@ def test_ring_size_is_points_per_weight_times_total_weight(weights: list[int],
                                                            ring: int) -> None:
     endpoints = {f"e{i}": Endpoint("p", f"e{i}", "10.0.0.1", 80, w) for i, w in enumerate(weights)}
     cluster = build_cluster(CHAT, endpoints)
-    assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == ring
+    assert ring_settings(cluster).minimum_ring_size.value == ring
     assert ring == max(1, sum(weights)) * DEFAULT_POINTS
-    assert cluster.ring_hash_lb_config.maximum_ring_size.value == MAX_RING_SIZE
-    assert cluster.ring_hash_lb_config.hash_function == (
-        cluster_pb2.Cluster.RingHashLbConfig.XX_HASH)
+    assert ring_settings(cluster).maximum_ring_size.value == MAX_RING_SIZE
+    assert ring_settings(cluster).hash_function == ring_hash_pb2.RingHash.XX_HASH
 
 
 @pytest.mark.parametrize("points", [1, 16, 100, 256, 1024, 4096])
@@ -174,12 +173,12 @@ def test_ring_size_follows_the_pools_points_per_weight(points: int) -> None:
     pool = Pool(name="p", models=("m",), ring_points_per_weight=points)
     for n in (1, 2, 3):
         cluster = build_cluster(pool, endpoint_dicts(n, weight=2))
-        assert cluster.ring_hash_lb_config.minimum_ring_size.value == n * 2 * points
+        assert ring_settings(cluster).minimum_ring_size.value == n * 2 * points
 
 
 def test_ring_points_per_host_constant_when_a_host_leaves() -> None:
-    three = build_cluster(CHAT, endpoint_dicts(3)).ring_hash_lb_config.minimum_ring_size.value
-    two = build_cluster(CHAT, endpoint_dicts(2)).ring_hash_lb_config.minimum_ring_size.value
+    three = ring_settings(build_cluster(CHAT, endpoint_dicts(3))).minimum_ring_size.value
+    two = ring_settings(build_cluster(CHAT, endpoint_dicts(2))).minimum_ring_size.value
     assert three / 3 == two / 2 == DEFAULT_POINTS
 
 
@@ -190,8 +189,8 @@ def test_ring_size_clamped_at_envoy_maximum_and_warned_once(
     with caplog.at_level("WARNING", logger="hotpath.translate"):
         for _ in range(3):
             cluster = build_cluster(big, endpoint_dicts(17, weight=128))
-            assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE
-            assert cluster.ring_hash_lb_config.maximum_ring_size.value == MAX_RING_SIZE
+            assert ring_settings(cluster).minimum_ring_size.value == MAX_RING_SIZE
+            assert ring_settings(cluster).maximum_ring_size.value == MAX_RING_SIZE
     warned = [r.getMessage() for r in caplog.records if "pools/big" in r.getMessage()]
     assert len(warned) == 1, warned
     assert "ring needs 8912896 points (4096 per weight unit)" in warned[0]
@@ -200,9 +199,9 @@ def test_ring_size_clamped_at_envoy_maximum_and_warned_once(
     caplog.clear()
     with caplog.at_level("WARNING", logger="hotpath.translate"):
         fits = build_cluster(big, endpoint_dicts(16, weight=128))
-        assert fits.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE  # exactly
+        assert ring_settings(fits).minimum_ring_size.value == MAX_RING_SIZE  # exactly
         small = build_cluster(big, endpoint_dicts(2, weight=128))
-        assert small.ring_hash_lb_config.minimum_ring_size.value == 2 * 128 * 4096
+        assert ring_settings(small).minimum_ring_size.value == 2 * 128 * 4096
         build_cluster(big, endpoint_dicts(17, weight=128))
     assert len([r for r in caplog.records if "pools/big" in r.getMessage()]) == 1
 
@@ -212,7 +211,7 @@ def test_default_fits_65536_weight_units_unclamped() -> None:
     assert MAX_RING_SIZE // DEFAULT_POINTS == 65536
     pool = Pool(name="wide", models=("m",))
     cluster = build_cluster(pool, endpoint_dicts(512, weight=128))
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == MAX_RING_SIZE
+    assert ring_settings(cluster).minimum_ring_size.value == MAX_RING_SIZE
 
 
 @pytest.mark.parametrize(
@@ -223,18 +222,30 @@ def test_default_fits_65536_weight_units_unclamped() -> None:
 )
 def test_lb_policy_and_panic_threshold_zero(lb: str, policy: int) -> None:
     cluster = build_cluster(Pool(name="p", models=("m",), lb=lb), endpoint_dicts(2))
-    assert cluster.lb_policy == policy
+    if lb == "ring_hash":
+        # Ring hash behind the override-host policy (pins): no lb_policy enum.
+        assert not cluster.HasField("ring_hash_lb_config")
+        assert ring_settings(cluster) is not None
+    else:
+        assert cluster.lb_policy == policy
+        assert ring_settings(cluster) is None
     assert cluster.common_lb_config.HasField("healthy_panic_threshold")
     assert cluster.common_lb_config.healthy_panic_threshold.value == 0.0
-    assert cluster.HasField("ring_hash_lb_config") is (lb == "ring_hash")
 
 
 @pytest.mark.parametrize("lb", ["ring_hash", "maglev"])
 def test_hash_balance_factor_set_only_when_non_zero(lb: str) -> None:
+    def factor(cluster: cluster_pb2.Cluster) -> int | None:
+        ring = ring_settings(cluster)
+        config = (ring if ring is not None else cluster.common_lb_config)
+        if not config.HasField("consistent_hashing_lb_config"):
+            return None
+        return int(config.consistent_hashing_lb_config.hash_balance_factor.value)
+
     on = build_cluster(Pool(name="p", models=("m",), lb=lb, hash_balance_factor=125), {})
-    assert on.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value == 125
+    assert factor(on) == 125
     off = build_cluster(Pool(name="p", models=("m",), lb=lb, hash_balance_factor=0), {})
-    assert not off.common_lb_config.HasField("consistent_hashing_lb_config")
+    assert factor(off) is None
 
 
 @pytest.mark.parametrize("lb", ["round_robin", "least_request"])

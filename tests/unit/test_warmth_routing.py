@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from control_plane.config.model import Endpoint, Pool, Status, WarmState, Warmup
+from control_plane.translate.clusters import ring_settings
 from control_plane.translate.warmth import (
     DEFAULT_CAPACITY_FACTOR,
     SPILL_SCALE,
@@ -277,7 +278,7 @@ def test_unresolved_endpoints_count_neither_in_eds_nor_in_the_ring() -> None:
     # Among e0 (warm) and e1 (cold): 1.5 x 1/2 < 1, so e1 takes spill (weight 6 of 16).
     assert set(by_id) == {"e0", "e1"}
     cluster = build_cluster(POOL, eps, sts, NOW, resolved=resolved)
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == 1024 + 64 * 6
+    assert ring_settings(cluster).minimum_ring_size.value == 1024 + 64 * 6
 
 
 @pytest.mark.parametrize(("states", "ring"), [
@@ -286,12 +287,12 @@ def test_unresolved_endpoints_count_neither_in_eds_nor_in_the_ring() -> None:
 ])
 def test_cluster_ring_follows_the_hosts_in_the_ring(states: list[WarmState], ring: int) -> None:
     cluster = build_cluster(POOL, endpoints(1, 1, 1), statuses(*states), NOW)
-    assert cluster.ring_hash_lb_config.minimum_ring_size.value == ring
+    assert ring_settings(cluster).minimum_ring_size.value == ring
 
 
 def test_cluster_without_statuses_counts_every_endpoint_warm() -> None:
     eps = endpoints(1, 2)
-    assert build_cluster(POOL, eps).ring_hash_lb_config.minimum_ring_size.value == 3072
+    assert ring_settings(build_cluster(POOL, eps)).minimum_ring_size.value == 3072
 
 
 def test_stale_threshold_follows_the_pool_interval() -> None:

@@ -1,0 +1,1 @@
+"""Session affinity across ring changes: Envoy's ring mirrored, and pins for active sessions."""

@@ -1,0 +1,122 @@
+"""Which active sessions to pin, and which pins to drop. Pure.
+
+A ring change (an endpoint added, a weight changed, a host back from cold) would move some
+active sessions (served within the pool's ``session_ttl_s``) to another host, which holds
+none of their KV cache. ``plan`` pins exactly those whose host is still healthy and warm:
+the ones the new ring sends to a host other than the one that served them last. New
+sessions follow the new ring at once. A pin ends when its session has been idle for the
+TTL (expired), when its host goes down, cold or away (dropped; the session then follows the
+ring), or when the ring sends the session to its pinned host anyway (released). Past
+``cap`` pins, the least recently seen go first (capped, a documented exception).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from control_plane.affinity.ring import Ring, RingHost, fingerprint
+from control_plane.config.model import Pool
+from control_plane.config.pins import MAX_PINS, Pin, PinTable
+from control_plane.translate.clusters import MAX_RING_SIZE, minimum_ring_size
+from control_plane.translate.warmth import HEALTHY, Route
+
+
+@dataclass(frozen=True)
+class Active:
+    """An active session as the access logs saw it last."""
+
+    ring_hash: int | None  # None: an older filter that does not report it
+    endpoint: str  # endpoint id that served it
+    seen: float  # unix s
+
+
+@dataclass(frozen=True)
+class Plan:
+    table: PinTable
+    added: int = 0
+    expired: int = 0
+    dropped: int = 0
+    released: int = 0
+    capped: int = 0
+
+
+def ring_hosts(routes: Mapping[str, Route]) -> list[RingHost]:
+    """The hosts of a pool's ring as Envoy builds it: healthy, with points, in EDS order
+    (translate/endpoints.py sorts by id), with their EDS weight."""
+    return [RingHost(eid, route.weight) for eid, route in sorted(routes.items())
+            if route.health == HEALTHY and route.ring_points > 0]
+
+
+def ring_id(pool: Pool, routes: Mapping[str, Route]) -> str:
+    """The fingerprint of the ring Envoy builds from ``routes``."""
+    return fingerprint(ring_hosts(routes), minimum_ring_size(pool, routes))
+
+
+def pool_ring(pool: Pool, routes: Mapping[str, Route],
+              last: tuple[str, Ring] | None = None) -> tuple[Ring, str]:
+    """The pool's ring and its fingerprint; ``last`` (id, ring) is reused when unchanged
+    (a 1,000-host ring takes ~0.7 s to hash the first time)."""
+    hosts = ring_hosts(routes)
+    size = minimum_ring_size(pool, routes)
+    name = fingerprint(hosts, size)
+    if last is not None and last[0] == name:
+        return last[1], name
+    return Ring(hosts, size, MAX_RING_SIZE), name
+
+
+def ring_points(routes: Mapping[str, Route]) -> dict[str, int]:
+    return {eid: route.ring_points for eid, route in routes.items()
+            if route.health == HEALTHY and route.ring_points > 0}
+
+
+def gains(before: Mapping[str, int], after: Mapping[str, int]) -> bool:
+    """Whether some host has more ring points after than before: only then can sessions of
+    hosts that stay move (a host that only loses points moves only its own sessions)."""
+    return any(points > before.get(eid, 0) for eid, points in after.items())
+
+
+def plan(pool: str, stored: PinTable | None, ring: Ring, ring_id: str,
+         active: Mapping[str, Active], hosts: Collection[str], now: float, ttl_s: float,
+         cap: int = MAX_PINS) -> Plan:
+    """The pin table for ``ring`` (named ``ring_id``), from the stored one and the active
+    sessions; ``hosts``: the endpoints pins may point to (translate/warmth.py ``pinnable``)."""
+    pins: dict[str, Pin] = {}
+    expired = dropped = released = added = 0
+    for session, pin in (stored.pins if stored is not None else {}).items():
+        seen_now = active.get(session)
+        seen = max(pin.seen, seen_now.seen if seen_now is not None else 0.0)
+        if now - seen > ttl_s:
+            expired += 1
+        elif pin.endpoint not in hosts:
+            dropped += 1
+        elif (seen_now is not None and seen_now.ring_hash is not None
+              and ring.owner(seen_now.ring_hash) == pin.endpoint):
+            released += 1
+        else:
+            pins[session] = Pin(pin.endpoint, seen)
+    if stored is None or stored.ring != ring_id:
+        for session, seen_now in active.items():
+            if (session in pins or seen_now.ring_hash is None or seen_now.endpoint not in hosts
+                    or now - seen_now.seen > ttl_s):
+                continue
+            if ring.owner(seen_now.ring_hash) != seen_now.endpoint:
+                pins[session] = Pin(seen_now.endpoint, seen_now.seen)
+                added += 1
+    capped = 0
+    if len(pins) > cap:
+        oldest = sorted(pins, key=lambda s: (pins[s].seen, s))[:len(pins) - cap]
+        for session in oldest:
+            del pins[session]
+        capped = len(oldest)
+    return Plan(PinTable(pool, ring_id, pins), added, expired, dropped, released, capped)
+
+
+def needs_write(stored: PinTable | None, planned: PinTable, ttl_s: float) -> bool:
+    """Whether the planned table must be written: the ring or a pin changed, or a pin's
+    last-seen time moved by a quarter TTL (so a restarted leader does not expire it early;
+    finer refreshes would rewrite the table for nothing)."""
+    if stored is None or stored.ring != planned.ring or stored.pins.keys() != planned.pins.keys():
+        return True
+    return any(stored.pins[s].endpoint != p.endpoint or p.seen - stored.pins[s].seen > ttl_s / 4
+               for s, p in planned.pins.items())

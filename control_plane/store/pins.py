@@ -1,0 +1,160 @@
+"""The pin writer: the control planes' leader keeps ``pins/<pool>`` (config/pins.py) in step
+with each ring-hash pool's ring and its active sessions.
+
+It runs under the split-slots writer's election (store/split_slots.py): one leader writes
+both. On every config change and every tick it plans each pool's pins (affinity/plan.py)
+against the ring the pool's routing has now (translate/), from the active sessions that
+this control plane's Envoys and its ``--peer`` control planes' Envoys reported, and writes
+the tables that changed. Every control plane renders the stored pins into its Envoys' Lua
+filter and publishes a ring change only once the pins for that ring are stored and
+acknowledged (app.py), so a ring change never moves an active session of a healthy, warm
+host. Expiries are batched by the tick: at most one write per pool per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from etcd3aio import Etcd3Client
+
+from control_plane.affinity.plan import Active, needs_write, plan, pool_ring
+from control_plane.affinity.ring import Ring
+from control_plane.config.model import Config
+from control_plane.config.pins import MAX_PINS, pins_to_json
+from control_plane.store.etcd import Backoff, EtcdSettings, delete, etcd_client
+from control_plane.translate.warmth import Route, pinnable
+
+log = logging.getLogger(__name__)
+
+# The tick: a pool's pins are re-planned (expiries, refreshes) every session_ttl_s / 10,
+# within these bounds. Expiry is late by at most one tick.
+TICK_MIN_S = 0.5
+TICK_MAX_S = 30.0
+# A table written is not written again for this long while the watch has not shown it.
+CATCH_UP_S = 2.0
+
+Placements = Callable[[str, float, float], Mapping[str, Active]]  # (pool, now, ttl)
+
+
+def tick_s(ttl_s: float) -> float:
+    return min(TICK_MAX_S, max(TICK_MIN_S, ttl_s / 10))
+
+
+@dataclass
+class PinCounters:
+    """Since start, for /metrics: pins added, expired, dropped, released, capped by pool."""
+
+    added: dict[str, int] = field(default_factory=dict)
+    expired: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    released: dict[str, int] = field(default_factory=dict)
+    capped: dict[str, int] = field(default_factory=dict)
+
+    def count(self, pool: str, **amounts: int) -> None:
+        for name, amount in amounts.items():
+            if amount:
+                table: dict[str, int] = getattr(self, name)
+                table[pool] = table.get(pool, 0) + amount
+
+
+class PinWriter:
+    """While leader, writes the pin tables (see the module docstring)."""
+
+    def __init__(self, settings: EtcdSettings, config: Callable[[], Config],
+                 leader: Callable[[], bool], routes: Callable[[str], dict[str, Route] | None],
+                 placements: Placements, cap: int = MAX_PINS) -> None:
+        self.settings = settings
+        self.config = config
+        self.leader = leader
+        self.routes = routes
+        self.placements = placements
+        self.cap = cap
+        self.counters = PinCounters()
+        self.writes = 0
+        self._wake = asyncio.Event()
+        self._rings: dict[str, tuple[str, Ring]] = {}  # pool -> (ring id, ring)
+        self._due: dict[str, float] = {}  # pool -> next tick
+
+    def poke(self) -> None:
+        """Plan again now (the config or a pool's routing changed)."""
+        self._wake.set()
+
+    def _ring(self, name: str, config: Config, routes: dict[str, Route]) -> tuple[Ring, str]:
+        ring, ring_id = pool_ring(config.pools[name], routes, self._rings.get(name))
+        self._rings[name] = (ring_id, ring)
+        return ring, ring_id
+
+    def writes_due(self, now: float) -> dict[str, str | None]:
+        """pins/<pool> values to write now (None: delete the key)."""
+        config = self.config()
+        writes: dict[str, str | None] = {}
+        for name, pool in config.pools.items():
+            routes = self.routes(name)
+            if pool.lb != "ring_hash" or routes is None:
+                continue
+            stored = config.pins.get(name)
+            ring, ring_id = self._ring(name, config, routes)
+            if stored is not None and stored.ring == ring_id and now < self._due.get(name, 0):
+                continue
+            self._due[name] = now + tick_s(pool.session_ttl_s)
+            planned = plan(name, stored, ring, ring_id, self.placements(name, now,
+                                                                      pool.session_ttl_s),
+                           pinnable(routes), now, pool.session_ttl_s, self.cap)
+            self.counters.count(name, added=planned.added, expired=planned.expired,
+                                dropped=planned.dropped, released=planned.released,
+                                capped=planned.capped)
+            if planned.capped:
+                log.warning("pins/%s: over %d pins; the %d least recently seen dropped (their "
+                            "sessions follow the ring)", name, self.cap, planned.capped)
+            if needs_write(stored, planned.table, pool.session_ttl_s):
+                writes[name] = pins_to_json(planned.table)
+        for name in config.pins:
+            owner = config.pools.get(name)
+            if owner is None or owner.lb != "ring_hash":
+                writes[name] = None
+        for gone in set(self._rings) - set(config.pools):
+            del self._rings[gone]
+            self._due.pop(gone, None)
+        return writes
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                async with etcd_client(self.settings) as client:
+                    await self._serve(client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd trouble: try again
+                log.warning("pin writer: %s; retrying", exc or type(exc).__name__)
+                await backoff.sleep()
+
+    async def _serve(self, client: Etcd3Client) -> None:
+        assert client.kv is not None
+        written: dict[str, tuple[str | None, float]] = {}
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_MIN_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.leader():
+                written.clear()
+                continue
+            now = time.time()
+            for name, raw in self.writes_due(now).items():
+                last = written.get(name)
+                if last is not None and last[0] == raw and now - last[1] < CATCH_UP_S:
+                    continue
+                key = f"pins/{name}"
+                if raw is None:
+                    await delete(client, self.settings, key)
+                else:
+                    await client.kv.put(self.settings.prefix + key, raw, timeout=5)
+                written[name] = (raw, now)
+                self.writes += 1
+                log.debug("%s%s written", self.settings.prefix, key)

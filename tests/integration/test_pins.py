@@ -1,0 +1,157 @@
+"""Sliding-TTL pins on the real Envoy and etcd: a ring change moves no active session.
+
+Three simulated GPU servers carry chat sessions that each send a turn every 1-2 s; a
+fourth server joins. The new ring would send about a quarter of the active sessions to it:
+the leader pins them to the host that served them, and the control plane publishes the new
+ring only once every Envoy has the pins. New sessions reach the new server, and a pinned
+session idle for longer than the pool's session_ttl_s follows the ring on its next turn.
+The expected ring comes from control_plane/affinity/ring.py, checked against Envoy by
+test_ring_mirror.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from control_plane.affinity.ring import key_hash
+from control_plane.sim.model import SimParams
+from control_plane.sim.server import SERVER_HEADER, SimHandle, run_sims, stop_sims
+from tests.harness import Stack, async_wait_for
+from tests.integration.test_ring_mirror import expected
+
+pytestmark = pytest.mark.integration
+
+POOL = "ring"  # test_ring_mirror.expected builds the ring of this pool
+MODEL = "ring-model"
+TTL_S = 5
+POOL_VALUE = {"models": [MODEL], "hash_balance_factor": 0, "session_ttl_s": TTL_S}
+SESSIONS = 180  # 60 per server of three
+
+
+async def turn(session: aiohttp.ClientSession, stack: Stack, key: str) -> tuple[int, str]:
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(f"{stack.url}/v1/chat/completions", json=body,
+                            headers={"x-session-id": key}) as reply:
+        await reply.read()
+        return reply.status, reply.headers.get(SERVER_HEADER, "")
+
+
+class Chats:
+    """Sessions that each send a turn every 1-2 s until stopped (bounded by ``limit_s``),
+    recording every status and serving host."""
+
+    def __init__(self, session: aiohttp.ClientSession, stack: Stack, keys: list[str],
+                 limit_s: float = 60) -> None:
+        self.hosts: dict[str, list[str]] = {k: [] for k in keys}
+        self.failures: list[tuple[str, int]] = []
+        self._stop = asyncio.Event()
+        self._deadline = time.monotonic() + limit_s
+        self._tasks = [asyncio.create_task(self._talk(session, stack, k, random.Random(k)))
+                       for k in keys]
+
+    async def _talk(self, session: aiohttp.ClientSession, stack: Stack, key: str,
+                    rnd: random.Random) -> None:
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            status, host = await turn(session, stack, key)
+            if status == 200:
+                self.hosts[key].append(host)
+            else:
+                self.failures.append((key, status))
+            try:
+                await asyncio.wait_for(self._stop.wait(), rnd.uniform(1, 2))
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def turns(self) -> int:
+        return sum(len(h) for h in self.hosts.values())
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[list[SimHandle]]:
+    handles = await run_sims(SimParams(time_scale=0.001, seed=5), count=4, base_port=0,
+                             name_prefix="rm", models=(MODEL,))
+    try:
+        yield handles
+    finally:
+        await stop_sims(handles)
+
+
+async def start_pool(stack: Stack, ports: dict[str, int]) -> None:
+    await stack.put(f"pools/{POOL}", POOL_VALUE)
+    for eid, port in ports.items():
+        await stack.put(f"endpoints/{POOL}/{eid}", {"address": "127.0.0.1", "port": port})
+    await stack.wait_listener()
+    async with aiohttp.ClientSession() as session:
+        async def routed() -> bool:
+            status, host = await turn(session, stack, "warm-up")
+            return status == 200 and len(stack.envoy.hosts(POOL)) == len(ports)
+        await async_wait_for(routed, 20, f"{MODEL} to route to {len(ports)} hosts")
+
+
+async def pins(stack: Stack) -> dict[str, list[object]]:
+    value = await stack.get_json(f"pins/{POOL}")
+    return {} if value is None else dict(value["pins"])
+
+
+async def test_a_joining_server_moves_no_active_session(stack: Stack,
+                                                        sims: list[SimHandle]) -> None:
+    ports = {h.name: h.port for h in sims}
+    three = {eid: ports[eid] for eid in sorted(ports)[:3]}
+    joining = sorted(ports)[3]
+    await start_pool(stack, three)
+    after = expected(ports, dict.fromkeys(ports, 1)).ring
+    keys = [f"chat-{n}" for n in range(SESSIONS)]
+    async with aiohttp.ClientSession() as session:
+        chats = Chats(session, stack, keys)
+        # Active: every session served at least one access-log flush (1 s) before the change.
+        await async_wait_for(lambda: asyncio.sleep(0, all(len(h) >= 2 for h in
+                                                         chats.hosts.values())),
+                             30, "two turns of every session")
+        await stack.put(f"endpoints/{POOL}/{joining}",
+                        {"address": "127.0.0.1", "port": ports[joining]})
+        # The ring changes only after the pins are in force.
+        await async_wait_for(lambda: asyncio.sleep(0, len(stack.envoy.hosts(POOL)) == 4),
+                             20, "the joining server in Envoy")
+        before = {k: h[0] for k, h in chats.hosts.items()}
+        would_move = {k for k in keys if after.owner(key_hash(k)) != before[k]}
+        stored = await pins(stack)
+        # New sessions follow the new ring at once: fresh keys the ring gives the new host.
+        fresh = [k for k in (f"new-{n}" for n in range(2000))
+                 if after.owner(key_hash(k)) == joining][:20]
+
+        async def new_sessions_reach_it() -> bool:
+            served = [await turn(session, stack, k) for k in fresh]
+            return all(s == (200, joining) for s in served)
+
+        await async_wait_for(new_sessions_reach_it, 20, "new sessions on the joining server")
+        turns_at_join = chats.turns()
+        await async_wait_for(lambda: asyncio.sleep(0, chats.turns() >= turns_at_join
+                                                   + 2 * SESSIONS), 30,
+                             "two more turns of every session")
+        await chats.stop()
+        moved = {k: sorted(set(h)) for k, h in chats.hosts.items() if len(set(h)) > 1}
+        assert not chats.failures, chats.failures[:10]
+        assert would_move, "the new ring moves no session: the test shows nothing"
+        assert moved == {}, f"{len(moved)} active sessions changed server: {list(moved)[:10]}"
+        assert len(stored) >= len(would_move), (len(stored), len(would_move))
+
+        # Idle past the TTL: the pins expire and each session follows the ring.
+        await async_wait_for(lambda: _no_pins(stack), TTL_S * 4,
+                             "the pins to expire")
+        back = {k: (await turn(session, stack, k)) for k in sorted(would_move)}
+        wrong = {k: v for k, v in back.items() if v != (200, after.owner(key_hash(k)))}
+        assert wrong == {}, wrong
+
+
+async def _no_pins(stack: Stack) -> bool:
+    return not await pins(stack)
