@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from control_plane.affinity.plan import Active, gains, ring_id, ring_points
 from control_plane.config.model import Config, Endpoint, GatewaySettings
+from control_plane.config.pins import MAX_PINS
 from control_plane.config.splits import shares
 from control_plane.config.state import ConfigState
 from control_plane.runtime.envoy_admin import fetch_json
@@ -69,6 +70,8 @@ class ControlPlaneSettings:
     # The other control planes' metrics URLs: the split leader counts their Envoys'
     # active sessions too (each Envoy streams to one control plane).
     peers: tuple[str, ...] = ()
+    # Pins per ring-hash pool (affinity/); 0: none (a ring change may move active sessions).
+    max_pins: int = MAX_PINS
 
 
 def peer_active(item: object) -> Active | None:
@@ -157,7 +160,7 @@ class ControlPlane:
         # the pins for the new ring are stored and acknowledged by every connected Envoy.
         self.pins = PinWriter(settings.etcd, self.state.config,
                               lambda: self.split_writer.election.leader,
-                              self.translator.routes, self.placements)
+                              self.translator.routes, self.placements, settings.max_pins)
         # pool -> (ring points per host, cluster, load assignment) as last published.
         self._rings: dict[str, tuple[dict[str, int], Message, Message]] = {}
         self._held_since: dict[str, float] = {}  # pool -> when its ring change was held

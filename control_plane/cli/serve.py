@@ -19,6 +19,7 @@ from control_plane.cli.options import (
     urls_from_env,
 )
 from control_plane.config.model import DEFAULT_SYSTEM_PROMPT, GatewaySettings
+from control_plane.config.pins import MAX_PINS
 from control_plane.errors import UsageError
 from control_plane.prober import state as machine
 from control_plane.prober.service import (
@@ -123,8 +124,15 @@ async def cmd_control_plane(args: argparse.Namespace, _: Shutdown) -> int:
     await run_control_plane(ControlPlaneSettings(
         etcd=etcd_settings(args), gateway=gateway, xds_address=args.xds,
         metrics_address=args.metrics or None, xds_tls=_xds_server_tls(args),
-        peers=tuple(args.peer or args.peer_default)))
+        peers=tuple(args.peer or args.peer_default), max_pins=args.max_pins))
     return 0
+
+
+def _pin_cap(text: str) -> int:
+    value = int(at_least(0, int)(text))
+    if value > MAX_PINS:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_PINS}, got {text}")
+    return value
 
 
 def configure_control_plane(p: argparse.ArgumentParser) -> None:
@@ -154,6 +162,10 @@ def configure_control_plane(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-traffic-stream", action="store_true",
                    help="do not have Envoy stream request timings to the control plane "
                         "(warmth then comes from probes only)")
+    p.add_argument("--max-pins", type=_pin_cap, default=MAX_PINS, metavar="N",
+                   help="pins kept per ring-hash pool when a ring change would move active "
+                        "sessions; past it the least recently seen go first; 0 turns pins "
+                        "off (default %(default)s; docs/affinity.md)")
 
 
 # -- bootstrap -----------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class PinWriter:
             self.counters.count(name, added=planned.added, expired=planned.expired,
                                 dropped=planned.dropped, released=planned.released,
                                 capped=planned.capped)
-            if planned.capped:
+            if planned.capped and self.cap:
                 log.warning("pins/%s: over %d pins; the %d least recently seen dropped (their "
                             "sessions follow the ring)", name, self.cap, planned.capped)
             if needs_write(stored, planned.table, pool.session_ttl_s):
