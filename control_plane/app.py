@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from control_plane.affinity.plan import Active, gains, ring_id, ring_points
+from control_plane.affinity.plan import Active, moves_active, ring_id, ring_points
 from control_plane.config.model import Config, Endpoint, GatewaySettings
 from control_plane.config.pins import MAX_PINS
 from control_plane.config.splits import shares
@@ -37,6 +37,7 @@ from control_plane.store.split_slots import PEER_POLL_S, PeerSessions, SplitSlot
 from control_plane.traffic.service import AccessLogServicer
 from control_plane.traffic.window import TrafficWindow
 from control_plane.translate.resources import Translator, cached_is_ip
+from control_plane.translate.warmth import pinnable
 from control_plane.xds import types
 from control_plane.xds.server import AdsServicer, XdsServerTls, start_xds_server
 from control_plane.xds.snapshot import InconsistentSnapshot, SnapshotBuilder
@@ -278,8 +279,8 @@ class ControlPlane:
 
     def _hold_ring_changes(self, config: Config, resources: dict[str, dict[str, Message]]
                            ) -> set[str]:
-        """Keep the published cluster and endpoints of every ring-hash pool whose ring gains
-        points (a host added, heavier, back from cold: sessions of other hosts could move)
+        """Keep the published cluster and endpoints of every ring-hash pool whose ring change
+        could move active sessions of hosts that stay (affinity/plan.py ``moves_active``)
         until the leader stored the pins for the new ring and every Envoy acknowledged the
         filter that carries them; at most HOLD_MAX_S. Returns the pools held."""
         held: set[str] = set()
@@ -288,8 +289,8 @@ class ControlPlane:
         for name, pool in config.pools.items():
             routes = self.translator.routes(name)
             published = self._rings.get(name)
-            if pool.lb != "ring_hash" or routes is None or published is None or not gains(
-                    published[0], ring_points(routes)):
+            if pool.lb != "ring_hash" or routes is None or published is None or not moves_active(
+                    published[0], ring_points(routes), pinnable(routes)):
                 self._held_since.pop(name, None)
                 continue
             table = config.pins.get(name)

@@ -70,10 +70,15 @@ def ring_points(routes: Mapping[str, Route]) -> dict[str, int]:
             if route.health == HEALTHY and route.ring_points > 0}
 
 
-def gains(before: Mapping[str, int], after: Mapping[str, int]) -> bool:
-    """Whether some host has more ring points after than before: only then can sessions of
-    hosts that stay move (a host that only loses points moves only its own sessions)."""
-    return any(points > before.get(eid, 0) for eid, points in after.items())
+def moves_active(before: Mapping[str, int], after: Mapping[str, int],
+                 hosts: Collection[str]) -> bool:
+    """Whether a ring change can move sessions off a host they may stay on (``hosts``,
+    pinnable): some host gains points (joins, heavier, back from cold), or a pinnable host
+    loses some (lighter, draining). A host going down, cold or away moves only its own
+    sessions, which must move."""
+    return (any(points > before.get(eid, 0) for eid, points in after.items())
+            or any(after.get(eid, 0) < points for eid, points in before.items()
+                   if eid in hosts))
 
 
 def plan(pool: str, stored: PinTable | None, ring: Ring, ring_id: str,

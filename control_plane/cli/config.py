@@ -16,20 +16,23 @@ from control_plane.cli.options import (
     add_etcd_options,
     admin_urls_from_env,
     etcd_settings,
+    positive,
     urls_from_env,
 )
 from control_plane.cli.status import (
     format_splits,
     format_table,
+    session_counts,
     split_rows,
     status_rows,
     traffic_rows,
 )
+from control_plane.config.drains import DEFAULT_DRAIN_TIMEOUT_S
 from control_plane.config.file import load_document, parse_document
 from control_plane.config.model import LB_POLICIES, parse_split, pool_to_json, split_to_json
 from control_plane.config.state import ConfigState
 from control_plane.errors import ConfigError, UsageError
-from control_plane.runtime.envoy_admin import fetch_hosts, fetch_traffic
+from control_plane.runtime.envoy_admin import fetch_hosts, fetch_sessions, fetch_traffic
 from control_plane.runtime.signals import Shutdown
 from control_plane.runtime.up import read_up_state
 from control_plane.store import operations
@@ -121,9 +124,26 @@ async def cmd_endpoint_list(args: argparse.Namespace, _: Shutdown) -> int:
 
 async def cmd_endpoint_rm(args: argparse.Namespace, _: Shutdown) -> int:
     removed = await operations.remove(etcd_settings(args), [
-        (f"endpoints/{args.pool}/{args.id}", False), (f"status/{args.pool}/{args.id}", False)])
+        (f"endpoints/{args.pool}/{args.id}", False), (f"status/{args.pool}/{args.id}", False),
+        (f"drain/{args.pool}/{args.id}", False)])
     print(f"removed {removed} key(s)")
     return 0 if removed else 1
+
+
+async def cmd_endpoint_drain(args: argparse.Namespace, _: Shutdown) -> int:
+    settings = etcd_settings(args)
+    if args.cancel:
+        removed = await operations.remove(settings, [(f"drain/{args.pool}/{args.id}", False)])
+        print(f"endpoint {args.pool}/{args.id}: " + ("drain cancelled; it takes new sessions "
+                                                     "again" if removed else "was not draining"))
+        return 0 if removed else 1
+    drain = await operations.drain_endpoint(settings, args.pool, args.id, args.timeout,
+                                            time.time())
+    print(f"endpoint {drain.pool}/{drain.id}: draining until "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(drain.until))} (no new "
+          "sessions; its active ones finish there). `hotpath status` shows it drained once "
+          "none is left; then `hotpath endpoint rm` it.")
+    return 0
 
 
 def configure_endpoint(p: argparse.ArgumentParser) -> None:
@@ -145,6 +165,17 @@ def configure_endpoint(p: argparse.ArgumentParser) -> None:
     add_etcd_options(rm)
     rm.add_argument("pool")
     rm.add_argument("id")
+    drain = actions.add_parser(
+        "drain", help="take no new sessions; active ones finish there (docs/affinity.md)")
+    drain.set_defaults(handler=cmd_endpoint_drain)
+    add_etcd_options(drain)
+    drain.add_argument("pool")
+    drain.add_argument("id")
+    drain.add_argument("--timeout", type=positive, default=DEFAULT_DRAIN_TIMEOUT_S,
+                       help="seconds after which it takes no traffic at all, active sessions "
+                            "or not (default %(default)s)")
+    drain.add_argument("--cancel", action="store_true",
+                       help="end the drain: the endpoint takes new sessions again")
 
 
 # -- split ---------------------------------------------------------------------------------
@@ -296,7 +327,10 @@ async def cmd_status(args: argparse.Namespace, _: Shutdown) -> int:
     reports = [r for r in [await asyncio.to_thread(fetch_traffic, url)
                            for url in args.traffic] if r is not None]
     traffic = traffic_rows(reports)
-    rows = status_rows(state, hosts, time.time(), traffic)
+    views = [v for v in [await asyncio.to_thread(fetch_sessions, url) for url in args.traffic]
+             if isinstance(v, dict)]
+    rows = status_rows(state, hosts, time.time(), traffic,
+                       session_counts(views) if views else None)
     splits = split_rows(state, traffic)
     up = read_up_state(Path(args.data_dir))
     if args.json:
@@ -322,7 +356,8 @@ def configure_status(p: argparse.ArgumentParser) -> None:
                         "%(default)s)")
     p.add_argument("--traffic", action="append", default=None, metavar="URL",
                    help="control-plane metrics URL whose /traffic window shows real traffic "
-                        "(repeatable; env HOTPATH_TRAFFIC; default http://127.0.0.1:9101)")
+                        "and /sessions the active sessions (repeatable; env HOTPATH_TRAFFIC; "
+                        "default http://127.0.0.1:9101)")
     p.set_defaults(traffic_default=urls_from_env("HOTPATH_TRAFFIC")
                    or ["http://127.0.0.1:9101"])
     p.add_argument("--data-dir", default=".hotpath",

@@ -36,12 +36,44 @@ def traffic_rows(reports: Iterable[Mapping[str, Any]]
     return rows
 
 
+def session_counts(views: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """Per endpoint, the active sessions every control plane's ``/sessions`` shows (a
+    session both saw counts once, on the endpoint that served it last)."""
+    latest: dict[tuple[str, str], tuple[float, str]] = {}  # (pool, session) -> (seen, eid)
+    for view in views:
+        for pool, sessions in view.items():
+            if not isinstance(sessions, Mapping):
+                continue
+            for session, item in sessions.items():
+                if isinstance(item, list) and len(item) == 3 and isinstance(item[1], str):
+                    seen = float(item[2])
+                    if (pool, session) not in latest or latest[(pool, session)][0] < seen:
+                        latest[(pool, session)] = (seen, item[1])
+    counts: dict[tuple[str, str], int] = {}
+    for (pool, _), (_, endpoint) in latest.items():
+        counts[(pool, endpoint)] = counts.get((pool, endpoint), 0) + 1
+    return counts
+
+
+def drain_state(until: float | None, now: float, left: int) -> str | None:
+    """``draining`` while sessions are left before ``until``; ``drained`` after (None: no
+    drain)."""
+    if until is None:
+        return None
+    return "draining" if now < until and left else "drained"
+
+
 def status_rows(state: ConfigState, hosts: list[EnvoyHost] | None, now: float,
-                traffic: Mapping[tuple[str, str], Mapping[str, Any]] | None = None
+                traffic: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                sessions: Mapping[tuple[str, str], int] | None = None
                 ) -> list[dict[str, Any]]:
-    """One row per endpoint: config, prober status, real traffic (from the control planes)
-    and Envoy's view, joined by pool/id."""
+    """One row per endpoint: config, prober status, real traffic and active sessions (from
+    the control planes), pins, a planned drain, and Envoy's view, joined by pool/id."""
     config = state.config()
+    pins: dict[tuple[str, str], int] = {}
+    for pool_name, table in config.pins.items():
+        for pin in table.pins.values():
+            pins[(pool_name, pin.endpoint)] = pins.get((pool_name, pin.endpoint), 0) + 1
     fleet = sum(len(members) for members in config.endpoints.values())
     by_host = {(h.cluster, h.hostname): h for h in hosts or []}
     rows: list[dict[str, Any]] = []
@@ -61,6 +93,10 @@ def status_rows(state: ConfigState, hosts: list[EnvoyHost] | None, now: float,
                                                else "")
             host = by_host.get((pool_name, endpoint_id))
             seen = (traffic or {}).get((pool_name, endpoint_id), {})
+            active = (sessions or {}).get((pool_name, endpoint_id), 0) if sessions is not None \
+                else None
+            pinned = pins.get((pool_name, endpoint_id), 0)
+            drain = config.drains.get(pool_name, {}).get(endpoint_id)
             rows.append({
                 "pool": pool_name,
                 "models": list(pool.models) if pool else [],
@@ -74,6 +110,10 @@ def status_rows(state: ConfigState, hosts: list[EnvoyHost] | None, now: float,
                 "traffic_p90_ms": seen.get("p90_ms"),
                 "rps": seen.get("rps"),
                 "requests_total": seen.get("requests_total"),
+                "sessions": active,
+                "pins": pinned,
+                "drain": drain_state(drain.until if drain else None, now,
+                                     max(pinned, active or 0)),
                 "envoy": host.health if host else ("unknown" if hosts is None else "absent"),
                 "active": host.rq_active if host else None,
                 "requests": host.rq_total if host else None,
@@ -88,17 +128,20 @@ def _ms(value: Any) -> str:
 def format_table(rows: list[dict[str, Any]], rejected: dict[str, str],
                  up: Mapping[str, Any] | None = None) -> str:
     headers = ["POOL", "MODELS", "ENDPOINT", "ADDRESS", "W", "WARMTH", "BY", "TTFT ms",
-               "REAL p50/p90 ms", "REQ/S", "ENVOY", "ACTIVE", "REQUESTS"]
+               "REAL p50/p90 ms", "REQ/S", "SESSIONS", "PINS", "ENVOY", "ACTIVE", "REQUESTS"]
     table = []
     for row in rows:
         p50, p90 = row.get("traffic_p50_ms"), row.get("traffic_p90_ms")
         total = row.get("requests_total")
         table.append([
             row["pool"], ",".join(row["models"]) or "(no pool)", row["endpoint"] or "(none)",
-            row.get("address", "-"), str(row.get("weight", "-")), row.get("warmth", "-"),
+            row.get("address", "-"), str(row.get("weight", "-")),
+            row.get("warmth", "-") + (f", {row['drain']}" if row.get("drain") else ""),
             row.get("source") or "-", _ms(row.get("ttft_ms")),
             f"{_ms(p50)}/{_ms(p90)}" if p50 is not None else "-",
             f"{row['rps']:.1f}" if row.get("rps") is not None else "-",
+            str(row["sessions"]) if row.get("sessions") is not None else "-",
+            str(row.get("pins", "-")),
             row.get("envoy", "-"),
             str(row["active"]) if row.get("active") is not None else "-",
             str(total if total is not None else row.get("requests", "-")),

@@ -22,6 +22,7 @@ from control_plane.contract import DEFAULT_SESSION_HEADER
 from control_plane.errors import ConfigError
 
 if TYPE_CHECKING:
+    from control_plane.config.drains import Drain
     from control_plane.config.pins import PinTable
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -130,6 +131,8 @@ class Config:
     split_slots: Mapping[str, SplitSlots] = field(default_factory=dict)
     # The leader's pins/<pool> tables (valid ones).
     pins: Mapping[str, PinTable] = field(default_factory=dict)
+    # drain/<pool>/<id>: pool -> endpoint id -> its planned drain.
+    drains: Mapping[str, Mapping[str, Drain]] = field(default_factory=dict)
 
 
 def is_ip(value: str) -> bool:

@@ -30,8 +30,8 @@ agree:
   sessions to the others). After a restart the control plane cannot tell whether a pool
   that is gone now existed when the split was written: such a value is taken as degraded,
   and one naming a pool created after it as refused.
-- ``split-slots/<model>`` (the leader's tables) and ``pins/<pool>`` (the leader's pin
-  tables): like endpoints, the newest valid value.
+- ``split-slots/<model>`` (the leader's tables), ``pins/<pool>`` (the leader's pin
+  tables) and ``drain/<pool>/<id>`` (planned drains): like endpoints, the newest valid value.
 - A delete ends a key's history; a key created again starts a new one.
 """
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from control_plane.config.drains import Drain, parse_drain
 from control_plane.config.model import (
     Config,
     Endpoint,
@@ -58,7 +59,7 @@ from control_plane.config.pins import PinTable, parse_pins
 from control_plane.config.splits import SLOTS
 from control_plane.errors import ConfigError
 
-Parsed = Pool | Endpoint | Status | Split | SplitSlots | PinTable
+Parsed = Pool | Endpoint | Status | Split | SplitSlots | PinTable | Drain
 
 SPLITS = "splits/"
 SPLIT_SLOTS = "split-slots/"
@@ -106,6 +107,8 @@ def parse_value(key: str, value: bytes) -> Parsed:
             return parse_endpoint(key, parts[1], parts[2], value)
         if kind == "status" and len(parts) == 3:
             return parse_status(key, parts[1], parts[2], value)
+        if kind == "drain" and len(parts) == 3:
+            return parse_drain(key, parts[1], parts[2], value)
     except ConfigError:
         raise
     except RecursionError:
@@ -115,7 +118,7 @@ def parse_value(key: str, value: bytes) -> Parsed:
                                f"{str(exc)[:200]})") from None
     raise ConfigError(
         key, "unknown key (expected pools/<pool>, endpoints/<pool>/<id>, status/<pool>/<id>, "
-             "splits/<model>, split-slots/<model> or pins/<pool>)"
+             "drain/<pool>/<id>, splits/<model>, split-slots/<model> or pins/<pool>)"
     )
 
 
@@ -143,6 +146,7 @@ class ConfigState:
         self._splits: dict[str, Split] = {}
         self._split_slots: dict[str, SplitSlots] = {}
         self._pins: dict[str, PinTable] = {}
+        self._drains: dict[tuple[str, str], Drain] = {}
         self._rejected: dict[str, str] = {}
         self.revision = 0
 
@@ -243,6 +247,8 @@ class ConfigState:
             return (parts[1], parts[2]) in self._endpoints
         if parts[0] == "status" and len(parts) == 3:
             return (parts[1], parts[2]) in self._statuses
+        if parts[0] == "drain" and len(parts) == 3:
+            return (parts[1], parts[2]) in self._drains
         if _is_split(key):
             return key[len(SPLITS):] in self._splits and key in self._keys
         if key.startswith(SPLIT_SLOTS):
@@ -316,11 +322,14 @@ class ConfigState:
     def _settle_one(self, key: str) -> None:
         entry = self._keys.get(key)
         parts = key.split("/")
-        table: dict[tuple[str, str], Endpoint] | dict[tuple[str, str], Status] | None = None
+        table: (dict[tuple[str, str], Endpoint] | dict[tuple[str, str], Status]
+                | dict[tuple[str, str], Drain] | None) = None
         if len(parts) == 3 and parts[0] == "endpoints":
             table = self._endpoints
         elif len(parts) == 3 and parts[0] == "status":
             table = self._statuses
+        elif len(parts) == 3 and parts[0] == "drain":
+            table = self._drains
         elif key.startswith(SPLIT_SLOTS):
             self._settle_slots(key, entry)
         elif len(parts) == 2 and parts[0] == "pins":
@@ -439,7 +448,10 @@ class ConfigState:
         statuses: dict[str, dict[str, Status]] = {}
         for (pool, endpoint_id), status in sorted(self._statuses.items()):
             statuses.setdefault(pool, {})[endpoint_id] = status
+        drains: dict[str, dict[str, Drain]] = {}
+        for (pool, endpoint_id), drain in sorted(self._drains.items()):
+            drains.setdefault(pool, {})[endpoint_id] = drain
         return Config(pools=dict(sorted(self._pools.items())), endpoints=endpoints,
                       statuses=statuses, splits=dict(sorted(self._splits.items())),
                       split_slots=dict(sorted(self._split_slots.items())),
-                      pins=dict(sorted(self._pins.items())))
+                      pins=dict(sorted(self._pins.items())), drains=drains)

@@ -84,3 +84,8 @@ def fetch_json(url: str, timeout: float = 2.0) -> Any:
 def fetch_traffic(metrics_url: str, timeout: float = 2.0) -> Any:
     """A control plane's ``/traffic`` window (traffic/service.py); None when unreachable."""
     return fetch_json(f"{metrics_url.rstrip('/')}/traffic", timeout)
+
+
+def fetch_sessions(metrics_url: str, timeout: float = 2.0) -> Any:
+    """A control plane's ``/sessions`` (active sessions per pool); None when unreachable."""
+    return fetch_json(f"{metrics_url.rstrip('/')}/sessions", timeout)

@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from control_plane.config.drains import Drain, parse_drain
 from control_plane.config.model import (
     Endpoint,
     Pool,
@@ -19,6 +20,7 @@ from control_plane.config.model import (
     pool_to_json,
 )
 from control_plane.config.state import ConfigState
+from control_plane.errors import ConfigError
 from control_plane.store.etcd import (
     EtcdSettings,
     delete,
@@ -63,6 +65,19 @@ async def put_endpoint(settings: EtcdSettings, pool: str, endpoint_id: str,
     async with etcd_client(settings) as client:
         await put_json(client, settings, key, endpoint_to_json(endpoint))
     return endpoint
+
+
+async def drain_endpoint(settings: EtcdSettings, pool: str, endpoint_id: str,
+                         timeout_s: float, now: float) -> Drain:
+    """Start (or extend) a planned drain of an endpoint that exists."""
+    state = await read_state(settings)
+    if endpoint_id not in state.config().endpoints.get(pool, {}):
+        raise ConfigError(f"endpoints/{pool}/{endpoint_id}", "no such endpoint to drain")
+    key = f"drain/{pool}/{endpoint_id}"
+    drain = parse_drain(key, pool, endpoint_id, json.dumps({"until": round(now + timeout_s)}))
+    async with etcd_client(settings) as client:
+        await put_json(client, settings, key, {"until": drain.until})
+    return drain
 
 
 async def remove(settings: EtcdSettings, keys: Sequence[tuple[str, bool]]) -> int:

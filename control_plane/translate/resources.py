@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
+from control_plane.config.drains import Drain
 from control_plane.config.model import (
     Config,
     Endpoint,
@@ -93,6 +94,7 @@ class _PoolEntry:
     routes: dict[str, Route]
     cluster: Message
     assignment: Message
+    drains: Mapping[str, Drain]
 
 
 class Translator:
@@ -125,7 +127,8 @@ class Translator:
         fleet = sum(len(members) for members in config.endpoints.values())
         for name, pool in config.pools.items():
             entry = self._pool(pool, config.endpoints.get(name, {}),
-                               config.statuses.get(name, {}), resolve, now, dns_epoch, fleet)
+                               config.statuses.get(name, {}), resolve, now, dns_epoch, fleet,
+                               config.drains.get(name, {}))
             clusters[name] = entry.cluster
             assignments[name] = entry.assignment
         for gone in set(self._pools) - set(config.pools):
@@ -207,14 +210,16 @@ class Translator:
 
     def _pool(self, pool: Pool, endpoints: Mapping[str, Endpoint],
               statuses: Mapping[str, Status], resolve: Resolve, now: float,
-              dns_epoch: int, fleet: int = 0) -> _PoolEntry:
+              dns_epoch: int, fleet: int = 0,
+              drains: Mapping[str, Drain] | None = None) -> _PoolEntry:
         entry = self._pools.get(pool.name)
         stale_after = stale_after_s(pool.warmup.interval_s, fleet)
         if (entry is not None and (entry.pool is pool or entry.pool == pool)
                 and entry.stale_after == stale_after
                 and entry.computed_at <= now <= entry.valid_until
                 and (not entry.uses_dns or entry.dns_epoch == dns_epoch)
-                and _same(entry.endpoints, endpoints) and _same(entry.statuses, statuses)):
+                and _same(entry.endpoints, endpoints) and _same(entry.statuses, statuses)
+                and _same(entry.drains, drains or {})):
             return entry
         resolved: dict[str, str] = {}
         uses_dns = False
@@ -225,8 +230,11 @@ class Translator:
                 resolved[eid] = ip
         # Endpoints not (yet) resolved are left out of EDS, and so out of the ring size.
         present = {eid: e for eid, e in endpoints.items() if eid in resolved}
-        routes = pool_routes(pool, present, statuses, now, fleet)
-        valid_until = stale_deadline(pool, statuses, now, fleet)
+        drains = drains or {}
+        routes = pool_routes(pool, present, statuses, now, fleet, drains)
+        # A drain ending is a moment time alone changes the routing, like a status going stale.
+        valid_until = min([stale_deadline(pool, statuses, now, fleet)]
+                          + [d.until for d in drains.values() if d.until > now])
         if (entry is not None and entry.pool == pool and entry.resolved == resolved
                 and _same(entry.endpoints, endpoints) and entry.routes == routes):
             # Only a status refresh (or time): same routing, same resources.
@@ -236,6 +244,6 @@ class Translator:
             cluster = build_cluster(pool, routes)
             assignment = build_load_assignment(pool, present, resolved, routes)
         entry = _PoolEntry(pool, endpoints, statuses, resolved, uses_dns, dns_epoch, now,
-                           valid_until, stale_after, routes, cluster, assignment)
+                           valid_until, stale_after, routes, cluster, assignment, drains)
         self._pools[pool.name] = entry
         return entry

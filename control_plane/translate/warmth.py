@@ -42,6 +42,7 @@ from fractions import Fraction
 
 from envoy.config.core.v3 import health_check_pb2
 
+from control_plane.config.drains import Drain
 from control_plane.config.model import Endpoint, Pool, Status, WarmState
 
 # A status older than this many probe intervals is stale and counts as warm: losing the
@@ -140,14 +141,26 @@ def cold_spill_scale(warm_weight: int, cold_weight: int, factor: Fraction,
 
 
 def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping[str, Status],
-                now: float, fleet_endpoints: int = 0) -> dict[str, Route]:
+                now: float, fleet_endpoints: int = 0,
+                drains: Mapping[str, Drain] | None = None) -> dict[str, Route]:
     """One Route per endpoint of ``endpoints`` (pass those that will be in EDS);
-    ``fleet_endpoints`` as for ``stale_after_s``."""
+    ``fleet_endpoints`` as for ``stale_after_s``. A draining endpoint (``drains``, before
+    its ``until``) is DEGRADED: out of the ring, so it takes no new session, but still a
+    host its pinned sessions reach; past ``until`` it is UNHEALTHY. While every endpoint
+    that is not down would be draining, the drains are ignored (the pool keeps serving)."""
     interval = pool.warmup.interval_s
     states = {eid: effective_state(statuses.get(eid), interval, now, fleet_endpoints)
               for eid in endpoints}
-    warm = sum(e.weight for eid, e in endpoints.items() if states[eid] is WarmState.WARM)
-    cold = sum(e.weight for eid, e in endpoints.items() if states[eid] is WarmState.COLD)
+    drains = drains or {}
+    drained = {eid for eid in endpoints if eid in drains and now >= drains[eid].until}
+    draining = {eid for eid in endpoints if eid in drains and eid not in drained}
+    serving = {eid for eid in endpoints
+               if states[eid] is not WarmState.DOWN and eid not in drained}
+    if serving and serving <= draining:
+        draining = set()
+    in_ring = {eid: e for eid, e in endpoints.items() if eid not in draining | drained}
+    warm = sum(e.weight for eid, e in in_ring.items() if states[eid] is WarmState.WARM)
+    cold = sum(e.weight for eid, e in in_ring.items() if states[eid] is WarmState.COLD)
     factor = capacity_factor(pool)
     per_weight = pool.ring_points_per_weight
     spill = cold_spill_scale(warm, cold, factor, spill_step(per_weight))
@@ -155,9 +168,9 @@ def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping
     for eid, endpoint in endpoints.items():
         state = states[eid]
         full_points = per_weight * endpoint.weight
-        if state is WarmState.DOWN:
+        if state is WarmState.DOWN or eid in drained:
             routes[eid] = Route(state, UNHEALTHY, endpoint.weight, 0)
-        elif state is WarmState.COLD and warm and spill is None:
+        elif eid in draining or (state is WarmState.COLD and warm and spill is None):
             routes[eid] = Route(state, DEGRADED, endpoint.weight, 0)
         elif spill is None:
             # All warm, or all cold: every host in the ring at full weight.

@@ -12,7 +12,10 @@ test_ring_mirror.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -155,3 +158,107 @@ async def test_a_joining_server_moves_no_active_session(stack: Stack,
 
 async def _no_pins(stack: Stack) -> bool:
     return not await pins(stack)
+
+
+async def join_with_pins(stack: Stack, session: aiohttp.ClientSession, ports: dict[str, int],
+                         keys: list[str]) -> tuple[Chats, dict[str, str], set[str]]:
+    """Three servers carry ``keys``; the fourth joins. Returns the chats (still running),
+    each key's server before the join and the keys the new ring would have moved."""
+    three = {eid: ports[eid] for eid in sorted(ports)[:3]}
+    joining = sorted(ports)[3]
+    await start_pool(stack, three)
+    chats = Chats(session, stack, keys)
+    await async_wait_for(lambda: asyncio.sleep(0, all(len(h) >= 2 for h in
+                                                     chats.hosts.values())),
+                         30, "two turns of every session")
+    await stack.put(f"endpoints/{POOL}/{joining}",
+                    {"address": "127.0.0.1", "port": ports[joining]})
+    await async_wait_for(lambda: asyncio.sleep(0, len(stack.envoy.hosts(POOL)) == 4),
+                         20, "the joining server in Envoy")
+    before = {k: h[0] for k, h in chats.hosts.items()}
+    after = expected(ports, dict.fromkeys(ports, 1)).ring
+    return chats, before, {k for k in keys if after.owner(key_hash(k)) != before[k]}
+
+
+async def test_a_pinned_server_going_down_fails_no_request(stack: Stack,
+                                                          sims: list[SimHandle]) -> None:
+    ports = {h.name: h.port for h in sims}
+    keys = [f"chat-{n}" for n in range(SESSIONS)]
+    async with aiohttp.ClientSession() as session:
+        chats, before, pinned = await join_with_pins(stack, session, ports, keys)
+        victim = sorted(ports)[0]
+        assert any(before[k] == victim for k in pinned), "no session pinned to the victim"
+        # The server dies: its pinned sessions' requests are refused, and retried on the
+        # ring (override-host does not check health). Then the prober's verdict comes.
+        await next(h for h in sims if h.name == victim).runner.cleanup()
+        turns_at_death = chats.turns()
+        await async_wait_for(lambda: asyncio.sleep(0, chats.turns() >= turns_at_death
+                                                   + SESSIONS), 30, "a turn of every session")
+        await stack.put(f"status/{POOL}/{victim}",
+                        {"state": "down", "ttft_ms": None, "checked_at": time.time()})
+        marked = time.monotonic()
+        await async_wait_for(lambda: asyncio.sleep(0, stack.envoy.hosts(POOL).get(victim)
+                                                   == "unhealthy"), 20, "the victim down")
+        print(f"status down -> Envoy shows it unhealthy: {time.monotonic() - marked:.3f} s")
+        turns_at_down = chats.turns()
+        await async_wait_for(lambda: asyncio.sleep(0, chats.turns() >= turns_at_down
+                                                   + SESSIONS), 30, "a turn of every session")
+        await chats.stop()
+    assert not chats.failures, chats.failures[:10]
+    for key, hosts in chats.hosts.items():
+        if before[key] == victim:
+            assert hosts[-1] != victim, key  # moved at once
+        else:
+            assert set(hosts) == {before[key]}, (key, hosts)  # no other session moved
+
+
+async def test_a_drained_server_takes_no_new_session_and_keeps_its_active_ones(
+        stack: Stack, sims: list[SimHandle]) -> None:
+    ports = {h.name: h.port for h in sims[:3]}
+    await start_pool(stack, ports)
+    drained = sorted(ports)[0]
+    ring = expected(ports, dict.fromkeys(ports, 1)).ring
+    keys = [f"chat-{n}" for n in range(90)]
+    async with aiohttp.ClientSession() as session:
+        chats = Chats(session, stack, keys)
+        await async_wait_for(lambda: asyncio.sleep(0, all(len(h) >= 2 for h in
+                                                         chats.hosts.values())),
+                             30, "two turns of every session")
+        before = {k: h[0] for k, h in chats.hosts.items()}
+        on_drained = {k for k, host in before.items() if host == drained}
+        assert on_drained, "no session on the drained server"
+        drain = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "control_plane", "endpoint", "drain",
+                             POOL, drained, "--timeout", "120", "--etcd", stack.etcd.urls,
+                             "--prefix", stack.etcd.prefix],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert drain.returncode == 0, drain.stderr
+        await async_wait_for(lambda: asyncio.sleep(0, stack.envoy.hosts(POOL).get(drained)
+                                                   == "degraded"), 20, "the drain in Envoy")
+        # New sessions the ring used to give the drained server go elsewhere.
+        fresh = [k for k in (f"new-{n}" for n in range(2000))
+                 if ring.owner(key_hash(k)) == drained][:20]
+        served = [await turn(session, stack, k) for k in fresh]
+        assert all(status == 200 and host != drained for status, host in served), served
+        turns_at_drain = chats.turns()
+        await async_wait_for(lambda: asyncio.sleep(0, chats.turns() >= turns_at_drain
+                                                   + 2 * SESSIONS // 2), 30, "more turns")
+        await chats.stop()
+        assert not chats.failures, chats.failures[:10]
+        moved = {k: h for k, h in chats.hosts.items() if set(h) != {before[k]}}
+        assert moved == {}, f"{len(moved)} sessions moved: {list(moved)[:10]}"
+        # Idle past the TTL: no session is left, `hotpath status` reports it drained.
+        await async_wait_for(lambda: _no_pins(stack), TTL_S * 4, "the pins to expire")
+
+        def status() -> str | None:
+            reply = subprocess.run(
+                [sys.executable, "-m", "control_plane", "status", "--json", "--etcd",
+                 stack.etcd.urls, "--prefix", stack.etcd.prefix, "--admin",
+                 stack.envoy.admin_url, "--traffic",
+                 f"http://127.0.0.1:{stack.control_plane.metrics_port}"],
+                capture_output=True, text=True, timeout=30, check=True)
+            rows = json.loads(reply.stdout)["endpoints"]
+            return next(r["drain"] for r in rows if r["endpoint"] == drained)
+
+        await async_wait_for(lambda: asyncio.to_thread(lambda: status() == "drained"),
+                             TTL_S * 4, "status to show the server drained")

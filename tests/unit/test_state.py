@@ -201,7 +201,8 @@ def test_unknown_key_shapes_rejected(key: str) -> None:
     assert rejection == Rejection(
         key=key,
         message=f"{key}: unknown key (expected pools/<pool>, endpoints/<pool>/<id>, "
-        "status/<pool>/<id>, splits/<model>, split-slots/<model> or pins/<pool>)",
+        "status/<pool>/<id>, drain/<pool>/<id>, splits/<model>, split-slots/<model> or "
+        "pins/<pool>)",
     )
     assert state.config() == Config()
 
