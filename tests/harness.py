@@ -314,11 +314,12 @@ class Stack:
 
 def make_stack(tmp: Path, etcd_url: str, prefix: str, envoys: int = 1,
                extra: list[str] | None = None, etcd: EtcdSettings | None = None,
-               xds_tls: XdsClientTls | None = None) -> Stack:
+               xds_tls: XdsClientTls | None = None, metrics_port: int | None = None) -> Stack:
     listen = processes.free_port()
     settings = etcd or EtcdSettings(urls=etcd_url, prefix=prefix)
     cp = ControlPlaneProcess(settings, processes.free_port(), listen, tmp / "control-plane.log",
-                             tmp / "access.log", extra or [])
+                             tmp / "access.log", extra or [],
+                             metrics_port=metrics_port or processes.free_port())
     stack = Stack(tmp, settings, cp, [], listen)
     try:
         cp.start()

@@ -17,15 +17,17 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from control_plane.affinity.ring import key_hash
+from control_plane.runtime import processes
 from control_plane.sim.model import SimParams
 from control_plane.sim.server import SERVER_HEADER, SimHandle, run_sims, stop_sims
-from tests.harness import Stack, async_wait_for
+from tests.harness import Etcd, Stack, async_wait_for, make_stack
 from tests.integration.test_ring_mirror import expected
 
 pytestmark = pytest.mark.integration
@@ -37,9 +39,10 @@ POOL_VALUE = {"models": [MODEL], "hash_balance_factor": 0, "session_ttl_s": TTL_
 SESSIONS = 180  # 60 per server of three
 
 
-async def turn(session: aiohttp.ClientSession, stack: Stack, key: str) -> tuple[int, str]:
+async def turn(session: aiohttp.ClientSession, stack: Stack, key: str,
+               url: str | None = None) -> tuple[int, str]:
     body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
-    async with session.post(f"{stack.url}/v1/chat/completions", json=body,
+    async with session.post(f"{url or stack.url}/v1/chat/completions", json=body,
                             headers={"x-session-id": key}) as reply:
         await reply.read()
         return reply.status, reply.headers.get(SERVER_HEADER, "")
@@ -47,10 +50,12 @@ async def turn(session: aiohttp.ClientSession, stack: Stack, key: str) -> tuple[
 
 class Chats:
     """Sessions that each send a turn every 1-2 s until stopped (bounded by ``limit_s``),
-    recording every status and serving host."""
+    recording every status and serving host; turns go to the ``urls`` in turn (default:
+    the stack's Envoy)."""
 
     def __init__(self, session: aiohttp.ClientSession, stack: Stack, keys: list[str],
-                 limit_s: float = 60) -> None:
+                 limit_s: float = 60, urls: list[str] | None = None) -> None:
+        self.urls = urls or [stack.url]
         self.hosts: dict[str, list[str]] = {k: [] for k in keys}
         self.failures: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
@@ -60,8 +65,10 @@ class Chats:
 
     async def _talk(self, session: aiohttp.ClientSession, stack: Stack, key: str,
                     rnd: random.Random) -> None:
+        sent = 0
         while not self._stop.is_set() and time.monotonic() < self._deadline:
-            status, host = await turn(session, stack, key)
+            status, host = await turn(session, stack, key, self.urls[sent % len(self.urls)])
+            sent += 1
             if status == 200:
                 self.hosts[key].append(host)
             else:
@@ -262,3 +269,66 @@ async def test_a_drained_server_takes_no_new_session_and_keeps_its_active_ones(
 
         await async_wait_for(lambda: asyncio.to_thread(lambda: status() == "drained"),
                              TTL_S * 4, "status to show the server drained")
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, etcd_server: Etcd, prefix: str) -> Iterator[list[Stack]]:
+    """Two control planes on one etcd prefix, each with its own Envoy, peers of each other."""
+    ports = [processes.free_port(), processes.free_port()]
+    made: list[Stack] = []
+    try:
+        for index, name in enumerate(("one", "two")):
+            (tmp_path / name).mkdir()
+            peer = f"http://127.0.0.1:{ports[1 - index]}"
+            made.append(make_stack(tmp_path / name, etcd_server.url, prefix,
+                                   extra=["--peer", peer], metrics_port=ports[index]))
+        yield made
+    finally:
+        for stack in made:
+            stack.close()
+
+
+async def test_replicas_pin_alike_and_pins_survive_restarts(replicas: list[Stack],
+                                                            sims: list[SimHandle]) -> None:
+    one, two = replicas
+    ports = {h.name: h.port for h in sims}
+    three = {eid: ports[eid] for eid in sorted(ports)[:3]}
+    joining = sorted(ports)[3]
+    await one.put(f"pools/{POOL}", {**POOL_VALUE, "session_ttl_s": 60})
+    for eid, port in three.items():
+        await one.put(f"endpoints/{POOL}/{eid}", {"address": "127.0.0.1", "port": port})
+    for stack in replicas:
+        await stack.wait_listener()
+        await async_wait_for(lambda s=stack: asyncio.sleep(0, len(s.envoy.hosts(POOL)) == 3),
+                             20, "three hosts in each Envoy")
+    keys = [f"chat-{n}" for n in range(120)]
+    after = expected(ports, dict.fromkeys(ports, 1)).ring
+    async with aiohttp.ClientSession() as session:
+        # Every session alternates between the two gateways.
+        chats = Chats(session, one, keys, limit_s=90, urls=[one.url, two.url])
+        await async_wait_for(lambda: asyncio.sleep(0, all(len(h) >= 2 for h in
+                                                         chats.hosts.values())),
+                             30, "two turns of every session")
+        await one.put(f"endpoints/{POOL}/{joining}",
+                      {"address": "127.0.0.1", "port": ports[joining]})
+        for stack in replicas:
+            await async_wait_for(lambda s=stack: asyncio.sleep(0, len(s.envoy.hosts(POOL)) == 4),
+                                 20, "the joining server in each Envoy")
+        before = {k: h[0] for k, h in chats.hosts.items()}
+        assert any(after.owner(key_hash(k)) != before[k] for k in keys), "nothing to pin"
+
+        async def more_turns() -> None:
+            start = chats.turns()
+            await async_wait_for(lambda: asyncio.sleep(0, chats.turns() >= start + len(keys)),
+                                 30, "a turn of every session")
+
+        await more_turns()
+        for stack in replicas:  # restart each control plane in turn, sessions going on
+            stack.control_plane.stop()
+            await more_turns()  # Envoy keeps its config while its control plane is away
+            await asyncio.to_thread(stack.control_plane.start)
+            await more_turns()
+        await chats.stop()
+    assert not chats.failures, chats.failures[:10]
+    moved = {k: sorted(set(h)) for k, h in chats.hosts.items() if len(set(h)) > 1}
+    assert moved == {}, f"{len(moved)} sessions changed server: {list(moved)[:10]}"
