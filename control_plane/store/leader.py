@@ -31,12 +31,13 @@ def leader_key(prefix: str) -> str:
 
 
 class LeaderElection:
-    """Calls ``on_change(True)`` when this prober becomes leader, ``on_change(False)`` when it
-    stops being one; ``run`` campaigns until cancelled."""
+    """Calls ``on_change(True)`` when this process becomes leader, ``on_change(False)`` when
+    it stops being one; ``run`` campaigns until cancelled. ``role`` names it in the log."""
 
     def __init__(self, settings: EtcdSettings, identity: str, ttl_s: int,
-                 on_change: Callable[[bool], None]) -> None:
+                 on_change: Callable[[bool], None], role: str = "prober") -> None:
         self.settings = settings
+        self.role = role
         self.identity = identity
         self.ttl_s = max(2, ttl_s)  # etcd's minimum lease TTL
         self.on_change = on_change
@@ -59,13 +60,13 @@ class LeaderElection:
         )
         if reply.succeeded:
             self.holder = self.identity
-            log.info("prober %s is the leader (%s)", self.identity, self.key)
+            log.info("%s %s is the leader (%s)", self.role, self.identity, self.key)
             self._set(True)
             return
         kvs = reply.responses[0].response_range.kvs
         holder = kvs[0].value.decode(errors="replace") if kvs else None
         if holder != self.holder:
-            log.info("prober %s stands by; %s leads", self.identity, holder)
+            log.info("%s %s stands by; %s leads", self.role, self.identity, holder)
         self.holder = holder
 
     async def _still_held(self, client: Etcd3Client, lease_id: int) -> None:
@@ -73,7 +74,8 @@ class LeaderElection:
         assert client.kv is not None
         reply = await client.kv.get(self.key, timeout=5)
         if not reply.kvs or int(reply.kvs[0].lease) != lease_id:
-            log.warning("prober %s no longer holds %s; standing by", self.identity, self.key)
+            log.warning("%s %s no longer holds %s; standing by", self.role, self.identity,
+                        self.key)
             self._set(False)
 
     async def run(self) -> None:

@@ -124,7 +124,8 @@ class SplitSlotsWriter:
         # split key is gone, never because the split's latest value is refused.
         self.split_keys = split_keys
         self.interval_s = interval_s
-        self.election = LeaderElection(settings, identity, LEADER_TTL_S, self._leading)
+        self.election = LeaderElection(settings, identity, LEADER_TTL_S, self._leading,
+                                       role="control plane (split slots, pins)")
         self.election.key = split_leader_key(settings.prefix)
         self.writes = 0
         self._wake = asyncio.Event()
