@@ -101,11 +101,13 @@ async def start_pool(stack: Stack, ports: dict[str, int]) -> None:
     for eid, port in ports.items():
         await stack.put(f"endpoints/{POOL}/{eid}", {"address": "127.0.0.1", "port": port})
     await stack.wait_listener()
+    await async_wait_for(lambda: asyncio.sleep(0, len(stack.envoy.hosts(POOL)) == len(ports)),
+                         30, f"{len(ports)} hosts in Envoy")
     async with aiohttp.ClientSession() as session:
         async def routed() -> bool:
-            status, host = await turn(session, stack, "warm-up")
-            return status == 200 and len(stack.envoy.hosts(POOL)) == len(ports)
-        await async_wait_for(routed, 20, f"{MODEL} to route to {len(ports)} hosts")
+            status, _ = await turn(session, stack, "warm-up")
+            return status == 200
+        await async_wait_for(routed, 30, f"{MODEL} to route")
 
 
 async def pins(stack: Stack) -> dict[str, list[object]]:
