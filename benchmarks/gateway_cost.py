@@ -18,9 +18,10 @@ Each with 1 KiB and 100 KiB chat bodies, with and without a session header: req/
 and Envoy CPU per request from /proc/<pid>/stat (all threads, user + system), over the
 throughput run. ``wrk`` (with a Lua script for the POST body) drives the load; without
 it the script stops. Finally one 8 MiB ASCII first message, sequentially, through hotpath
-and bare Envoy: the difference in Envoy CPU per request is the filter's time on it.
+and bare Envoy: the difference in Envoy CPU per request is the filter's time on it (body
+buffering and copy into Lua included); ``--only-8mib`` runs just that.
 
-    .venv/bin/python benchmarks/gateway_cost.py [--duration 3] [--connections 8]
+    .venv/bin/python benchmarks/gateway_cost.py [--duration 3] [--connections 8] [--only-8mib]
 
 The machine is shared by client, Envoy and upstream (2 cores here): compare the ratios of
 one run, not absolute figures across machines.
@@ -273,20 +274,27 @@ async def main(args: argparse.Namespace) -> None:
             upstream, port, kind = start_upstream(tmp)
             children.append(upstream)
             bare, bare_target = start_static_envoy(tmp, "bare", port, lua=False)
-            empty, empty_target = start_static_envoy(tmp, "empty-lua", port, lua=True)
-            children += [bare, empty]
+            children.append(bare)
+            targets = [Target("direct", f"http://127.0.0.1:{port}"), bare_target]
+            if not args.only_8mib:
+                empty, empty_target = start_static_envoy(tmp, "empty-lua", port, lua=True)
+                children.append(empty)
+                targets.append(empty_target)
             etcd = new_etcd(tmp)
-            for name, extra in (("hotpath", []), ("hotpath-nostream", ["--no-traffic-stream"])):
+            stack_names: list[tuple[str, list[str], str]] = [("hotpath", [], "hotpath")]
+            if not args.only_8mib:
+                stack_names.append(("hotpath-nostream", ["--no-traffic-stream"],
+                                    "hotpath, no traffic stream"))
+            for name, extra, target_name in stack_names:
                 sub = tmp / name
                 sub.mkdir()
-                stacks.append(await hotpath_stack(sub, etcd.url, f"/bench-{name}/", port,
-                                                  extra))
-            targets = [Target("direct", f"http://127.0.0.1:{port}"), bare_target, empty_target]
-            for stack, name in zip(stacks, ("hotpath", "hotpath, no traffic stream"),
-                                   strict=True):
+                stack = await hotpath_stack(sub, etcd.url, f"/bench-{name}/", port, extra)
+                stacks.append(stack)
                 envoy_pid, cp_pid = pid_of(stack)
-                targets.append(Target(name, stack.url, envoy_pid, other_pids=(cp_pid,)))
-            bodies = {"1 KiB": body_file(tmp, 1024), "100 KiB": body_file(tmp, 100 * 1024)}
+                targets.append(Target(target_name, stack.url, envoy_pid, other_pids=(cp_pid,)))
+            hotpath_target = targets[-len(stack_names)]
+            bodies = {} if args.only_8mib else {
+                "1 KiB": body_file(tmp, 1024), "100 KiB": body_file(tmp, 100 * 1024)}
             rows: list[dict[str, Any]] = []
             for body_name, body in bodies.items():
                 for session in (True, False):
@@ -305,7 +313,7 @@ async def main(args: argparse.Namespace) -> None:
                                      if target.other_pids else None})
             big = body_file(tmp, EIGHT_MIB - 64)
             eight = {}
-            for target in (bare_target, targets[3]):
+            for target in (bare_target, hotpath_target):
                 wrk(target, big, False, 1, 1, tmp)
                 eight[target.name] = wrk(target, big, False, 1, args.duration * 2, tmp)
             report(rows, eight, kind, args)
@@ -322,6 +330,12 @@ def report(rows: list[dict[str, Any]], eight: dict[str, dict[str, Any]], kind: s
            args: argparse.Namespace) -> None:
     print(f"upstream: {kind}; wrk -t1 -c{args.connections} (req/s, CPU) and -c1 (latency), "
           f"{args.duration:g} s each; {os.cpu_count()} CPUs shared by all")
+    if rows:
+        report_rows(rows)
+    report_eight(eight)
+
+
+def report_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{'target':28s} {'body':7s} {'sess':4s} {'req/s':>7s} {'p50+us':>7s} "
           f"{'p99+us':>7s} {'envoy us/req':>12s} {'cp us/req':>9s} "
           f"{'rps/bare':>8s} {'cpu/bare':>8s} {'cpu/lua0':>8s}")
@@ -336,6 +350,9 @@ def report(rows: list[dict[str, Any]], eight: dict[str, dict[str, Any]], kind: s
               f"{fmt(row['cp_cpu_us']):>9s} {row['rps'] / bare['rps']:8.2f} "
               f"{fmt(cpu / bare['envoy_cpu_us'] if cpu else None, '.2f'):>8s} "
               f"{fmt(cpu / lua0['envoy_cpu_us'] if cpu else None, '.2f'):>8s}")
+
+
+def report_eight(eight: dict[str, dict[str, Any]]) -> None:
     print("8 MiB ASCII first message, one connection (Envoy CPU per request):")
     for name, result in eight.items():
         print(f"  {name:28s} {result['requests']:4d} requests  "
@@ -351,4 +368,7 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=8,
                         help="connections of the throughput runs")
+    parser.add_argument("--only-8mib", action="store_true",
+                        help="only the 8 MiB first message (bare Envoy and hotpath): the "
+                        "filter's cost on a large body, without the 1 KiB / 100 KiB matrix")
     asyncio.run(main(parser.parse_args()))

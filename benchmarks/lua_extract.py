@@ -1,6 +1,7 @@
 """Per-request cost of the Lua filter's decide() under LuaJIT (lupa), by API and body size.
 
-Run from the repository root: python benchmarks/lua_extract.py [--repeats N]
+Run from the repository root: python benchmarks/lua_extract.py [--repeats N] [--lua-dir DIR]
+(--lua-dir: time another copy of hotpath.lua, e.g. the previous version, in the same way)
 Times are taken inside LuaJIT (os.clock, CPU time) around decide() alone, so they leave out
 lupa's call overhead and Envoy's own body buffering and copy (getBytes).
 """
@@ -169,10 +170,16 @@ def main() -> None:
         default=0,
         help="timed runs per case (median taken); default: by body size",
     )
+    parser.add_argument(
+        "--lua-dir",
+        type=Path,
+        default=LUA_DIR,
+        help="folder holding the hotpath.lua to time (default: lua/)",
+    )
     args = parser.parse_args()
 
     lua = luajit21.LuaRuntime(encoding=None)
-    module = lua.execute((LUA_DIR / "hotpath.lua").read_bytes())
+    module = lua.execute((args.lua_dir / "hotpath.lua").read_bytes())
     config = lua.eval("{max_body_bytes = 16 * 1024 * 1024}")
     timer = lua.eval(TIMER)
     chat, responses, messages = (

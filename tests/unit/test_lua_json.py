@@ -323,3 +323,68 @@ def test_mutated_bodies_are_judged_like_python(body: bytes, data: st.DataObject)
         else:
             del mutated[pos:]
     assert_same_fields(bytes(mutated))
+
+
+# --- the eight-bytes-a-step string scan: every byte class at every offset ------------------
+
+# Bytes the word scan must stop at (or, for 0x20 and 0x7f, must not), each as it stands in a
+# string literal: quotes end strings, escapes good and bad, control characters, the UTF-8
+# leads with their own second-byte ranges, bad leads, stray and truncated continuations.
+SCAN_PIECES = [
+    b"\\", b'\\"', b"\\\\", b"\\/", b"\\n", b"\\t", b"\\x", b"\\u00e9", b"\\u00G9", b"\\u12",
+    b"\x00", b"\x01", b"\x1f", b"\x20", b"\x7f", b'"', b'""', b'"x',
+    b"\xc2\x80", b"\xdf\xbf", b"\xc1\xbf", b"\xe0\xa0\x80", b"\xe0\x9f\xbf", b"\xe4\xb8\xad",
+    b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xef\xbf\xbf", b"\xf0\x90\x80\x80", b"\xf0\x8f\xbf\xbf",
+    b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\x80", b"\xbf",
+    b"\xe4\xb8", b"\xe4\x41\x41", b"\xf0\x90\x80",
+]
+
+
+@pytest.mark.parametrize("piece", SCAN_PIECES)
+def test_word_scan_judges_each_byte_at_each_offset_like_python(piece: bytes) -> None:
+    # The piece at every offset of the string and of the word load (pad shifts the string's
+    # start), followed by a long plain run, by the string's end, or by the body's end.
+    for pad in range(8):
+        for before in range(18):
+            for after in (0, 1, 7, 8, 9, 23):
+                text = b"a" * before + piece + b"b" * after
+                head = b'{"user":"' + b"p" * pad + b'","model":"'
+                assert_same_fields(head + text + b'"}')
+                assert_same_fields(head + text + b'","prompt":"' + b"q" * 16 + b'"}')
+
+
+def test_word_scan_stops_at_the_end_of_the_body() -> None:
+    # Every prefix of a body whose last string is long is cut inside it: all are refused,
+    # none reads past the end (a NUL follows the body), and the whole body is accepted.
+    text = "plain text \u4e2d\u6587 caf\u00e9 \U0001f600 \"quoted\"\ttab\n" * 3
+    body = json.dumps({"model": "m", "user": text}, ensure_ascii=False).encode()
+    for cut in range(len(body)):
+        assert_same_fields(body[:cut])
+    assert lua_fields(body) is not None
+    assert_same_fields(body)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.sampled_from(SCAN_PIECES)
+        | st.integers(0, 40).map(lambda n: b"z" * n)
+        | st.binary(max_size=12),
+        max_size=12,
+    ),
+    st.integers(0, 15),
+)
+def test_word_scan_matches_python_on_long_mixed_strings(pieces: list[bytes], pad: int) -> None:
+    text = b"".join(pieces)
+    assert_same_fields(b'{"user":"' + b"p" * pad + b'","model":"' + text + b'"}')
+    assert_same_fields(b'{"messages":[' + b" " * pad + b'"' + text + b'"],"model":"m"}')
+
+
+@pytest.mark.parametrize("value", range(256))
+def test_word_scan_judges_every_byte_value_like_python(value: int) -> None:
+    # One byte, then one byte followed by each class, at every offset of the word load.
+    for offset in range(10):
+        for follow in (b"", b"\x00", b'"', b"\\n", b"\x80", b"\xc3\xa9", b"\xe4\xb8\xad"):
+            text = b"a" * offset + bytes([value]) + follow + b"b" * 9
+            assert_same_fields(b'{"model":"' + text + b'"}')
+            assert_same_fields(b'{"model":"' + text[: offset + 1] + b'"}')
