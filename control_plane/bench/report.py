@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,24 @@ class StrategyReport:
     after_slow_turns: int | None = None
     slow_server_turns: int | None = None
     slow_server_last_s: float | None = None
+    # The servers-join scenario (None otherwise), in scenario seconds from the first session:
+    # when the servers were added and when the strategy routed to them; the returning turns
+    # sent from the join on (their hit ratio and TTFT); the sessions with turns on both sides
+    # of it, how many of them another server served after it than before it, and how many of
+    # those had ended their first turn less than an access-log flush (wall) before it (the
+    # control plane could not know them yet); turns the joining servers answered; for hotpath
+    # the pins the leader added and ring changes published without their pins (its metrics).
+    join_at_s: float | None = None
+    joined_s: float | None = None
+    after_join_turns: int | None = None
+    after_join_hit_ratio: float | None = None
+    after_join_ttft_s: Percentiles | None = None
+    spanning_sessions: int | None = None
+    moved_sessions: int | None = None
+    moved_new_sessions: int | None = None
+    joining_server_turns: int | None = None
+    pins_added: int | None = None
+    unpinned_ring_changes: int | None = None
 
 
 def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scale: float,
@@ -95,12 +113,10 @@ def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scal
     scale = 1 / time_scale
     ttfts = [r.ttft_s * scale for r in good if r.ttft_s is not None]
     e2es = [r.e2e_s * scale for r in good if r.e2e_s is not None]
-    returning = [r for r in good if r.turn > 0 and r.reusable_tokens > 0
-                 and r.cached_tokens is not None]
-    hit_ratio = hit_turns = None
+    returning = _returning(good)
+    hit_ratio = _hit_ratio(returning)
+    hit_turns = None
     if returning:
-        cached = sum(min(r.cached_tokens or 0, r.reusable_tokens) for r in returning)
-        hit_ratio = cached / sum(r.reusable_tokens for r in returning)
         hit_turns = sum((r.cached_tokens or 0) >= 0.9 * r.reusable_tokens
                         for r in returning) / len(returning)
     report = StrategyReport(
@@ -122,6 +138,54 @@ def summarize(name: str, label: str, results: Iterable[TurnResult], *, time_scal
         total_tokens = sum(s.prompt_tokens + s.generation_tokens for s in servers.values())
         report.probe_tokens = max(0, total_tokens - client_tokens)
     return report
+
+
+def _returning(good: Iterable[TurnResult]) -> list[TurnResult]:
+    """Turn 2 on of each session, where the server said what it had cached."""
+    return [r for r in good if r.turn > 0 and r.reusable_tokens > 0
+            and r.cached_tokens is not None]
+
+
+def _hit_ratio(returning: Sequence[TurnResult]) -> float | None:
+    """Cached tokens over what the previous turns left cacheable."""
+    if not returning:
+        return None
+    cached = sum(min(r.cached_tokens or 0, r.reusable_tokens) for r in returning)
+    return cached / sum(r.reusable_tokens for r in returning)
+
+
+def join_after(report: StrategyReport, good: Sequence[TurnResult], joining: Collection[str],
+               at_s: float, joined_s: float | None, time_scale: float,
+               flush_s: float | None = None) -> None:
+    """Fill the servers-join fields from the successful turns. `joining`: the names the
+    joining servers' answers carry; `at_s`, `joined_s`: scenario seconds; `flush_s`: the
+    access-log flush (wall seconds) when the strategy learns sessions from it (hotpath)."""
+    scale = 1 / time_scale
+    report.join_at_s, report.joined_s = at_s, joined_s
+    after = [r for r in _returning(good) if r.sent_at_s * scale >= at_s]
+    report.after_join_turns = len(after)
+    report.after_join_hit_ratio = _hit_ratio(after)
+    report.after_join_ttft_s = Percentiles.of([r.ttft_s * scale for r in after
+                                               if r.ttft_s is not None])
+    by_session: dict[str, list[TurnResult]] = {}
+    for r in sorted(good, key=lambda r: (r.session, r.turn)):
+        by_session.setdefault(r.session, []).append(r)
+    spanning = moved = new = 0
+    for turns in by_session.values():
+        before = [r for r in turns if r.sent_at_s * scale < at_s]
+        later = [r for r in turns if r.sent_at_s * scale >= at_s]
+        if not before or not later:
+            continue
+        spanning += 1
+        if any(r.server != before[-1].server for r in later):
+            moved += 1
+            first = turns[0]
+            if flush_s is not None and first.turn == 0 and first.e2e_s is not None \
+                    and first.sent_at_s + first.e2e_s > at_s * time_scale - flush_s:
+                new += 1
+    report.spanning_sessions, report.moved_sessions = spanning, moved
+    report.moved_new_sessions = new if flush_s is not None else None
+    report.joining_server_turns = sum(r.server in joining for r in good)
 
 
 def slow_after(report: StrategyReport, good: Sequence[TurnResult], server: str, from_s: float,
@@ -212,6 +276,29 @@ def targets(strategies: Sequence[StrategyReport], overhead: Sequence[OverheadRep
     return out
 
 
+JOIN_HIT_GOAL = 0.99  # returning turns' prefix-cache hit ratio with pins
+JOIN_TTFT_GOAL = 1.1  # p95 TTFT / the oracle's
+
+
+def join_targets(strategies: Sequence[StrategyReport]) -> list[Target]:
+    """The servers-join scenario's goals, for ring hash with pins (`ring_hash`) and, to
+    compare, without (`ring_hash_no_pins`)."""
+    by = {s.name: s for s in strategies if s.available and s.ok}
+    oracle = by.get("oracle")
+    out: list[Target] = []
+    for name in ("ring_hash", "ring_hash_no_pins"):
+        hp = by.get(name)
+        if hp is None:
+            continue
+        h = hp.prefix_hit_ratio
+        out.append(Target(f"{name} prefix-cache hit ratio, returning turns", h,
+                          f">= {JOIN_HIT_GOAL}", None if h is None else h >= JOIN_HIT_GOAL))
+        r = _ratio(hp.ttft_s.p95, oracle.ttft_s.p95 if oracle else None)
+        out.append(Target(f"{name} p95 TTFT / oracle", r, f"<= {JOIN_TTFT_GOAL}",
+                          None if r is None else r <= JOIN_TTFT_GOAL))
+    return out
+
+
 # -- output ------------------------------------------------------------------------------------
 
 
@@ -273,6 +360,29 @@ def format_slow(strategies: Sequence[StrategyReport]) -> str:
     return _table(header, rows)
 
 
+def format_join(strategies: Sequence[StrategyReport]) -> str:
+    """The servers-join table: when each strategy routed to the joining servers, its
+    returning turns from the join on, and the sessions the join moved. Empty otherwise."""
+    runs = [s for s in strategies if s.available and s.join_at_s is not None]
+    if not runs:
+        return ""
+    header = ["strategy", "joined at s", "returning after", "hit after",
+              "TTFT p50/p95/p99 s after", "spanning", "moved", "moved, new < 1 s",
+              "on joining servers", "pins"]
+    rows = []
+    for s in runs:
+        t = s.after_join_ttft_s or Percentiles(None, None, None)
+        pins = "-" if s.pins_added is None else str(s.pins_added)
+        if s.unpinned_ring_changes:
+            pins += f" ({s.unpinned_ring_changes} unpinned)"
+        rows.append([s.label, _f(s.joined_s, 1), str(s.after_join_turns),
+                     _pct(s.after_join_hit_ratio), f"{_f(t.p50)}/{_f(t.p95)}/{_f(t.p99)}",
+                     str(s.spanning_sessions), str(s.moved_sessions),
+                     "-" if s.moved_new_sessions is None else str(s.moved_new_sessions),
+                     str(s.joining_server_turns), pins])
+    return _table(header, rows)
+
+
 def format_overhead(overhead: Sequence[OverheadReport]) -> str:
     header = ["gateway", "p50 ms", "p99 ms", "added p50/p99 ms", "max req/s", "p99 ms @max",
               "errors"]
@@ -304,21 +414,35 @@ def format_report(report: Mapping[str, Any]) -> str:
         what = report.get("slow_server") or {}
         parts += ["", f"Slow server (the last one; every first token +{what.get('ttft_s', '?')}"
                       f" s from {what.get('at_s', '?')} s on):", slow]
+    join = format_join(report["strategies_obj"])
+    if join:
+        what = report.get("servers_join") or {}
+        parts += ["", f"Servers join ({what.get('servers', '?')} of {what.get('total', '?')} "
+                      f"servers join at {what.get('at_s', '?')} s; returning turns from then "
+                      f"on; pool session_ttl_s {what.get('session_ttl_s', '?')} s = "
+                      f"{what.get('session_ttl_wall_s', '?')} s of wall time):", join]
     if report["overhead_obj"]:
         parts += ["", "Gateway overhead (static upstream, POST bodies, rotating session ids):",
                   format_overhead(report["overhead_obj"])]
     found = format_targets(report["targets_obj"])
     if found:
         parts += ["", found]
+    load = report.get("load_average")
+    if isinstance(load, Mapping):
+        cpus = (report.get("machine") or {}).get("cpus", "?")
+        parts += ["", f"load average (1 min) on {cpus} CPUs: {load.get('start')} at the "
+                      f"start, {load.get('end')} at the end"]
     return "\n".join(parts)
 
 
 def build_report(meta: Mapping[str, Any], strategies: Sequence[StrategyReport],
-                 overhead: Sequence[OverheadReport], with_targets: bool = True
-                 ) -> dict[str, Any]:
+                 overhead: Sequence[OverheadReport], with_targets: bool = True,
+                 join: bool = False) -> dict[str, Any]:
     """The JSON document; the *_obj keys hold the objects for formatting and are not saved.
-    The issue's targets are for the default scenario: `with_targets` False leaves them out."""
-    found = targets(strategies, overhead) if with_targets else []
+    The issue's targets are for the default scenario (`join`: the servers-join scenario's);
+    `with_targets` False leaves them out."""
+    found = [] if not with_targets else join_targets(strategies) if join else targets(
+        strategies, overhead)
     return {
         "schema": SCHEMA,
         **meta,

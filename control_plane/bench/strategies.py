@@ -2,10 +2,11 @@
 
 Fairness rules (docs/benchmark.md explains them):
 - Every strategy gets fresh simulated servers (a new process, cold, empty caches) with the same
-  parameters and seeds, and replays the same workload.
-- The hotpath stack (etcd, control plane, Envoy) is started once. Between strategies the pool
-  `bench` gets its new endpoints and load balancer and the bench waits until Envoy's admin shows
-  both, so no request of one strategy meets the previous strategy's config.
+  parameters and seeds, and replays the same workload (servers-join: all primed first).
+- The hotpath stack (etcd, control plane, Envoy) is started once, and the control plane and
+  Envoy again only for a strategy that needs another kind (traffic stream, pins). Between
+  strategies the pool `bench` gets its new endpoints and load balancer and the bench waits
+  until Envoy's admin shows both, so no request of one strategy meets the previous one's config.
 - The oracle sends each session straight to a server dealt to it in arrival order, after one
   priming request per server: every turn meets a warm server that holds its prefix, with no
   gateway in between. It is the lower bound for a sticky router, not for every conceivable one.
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -51,12 +54,24 @@ class StrategySpec:
     # timings to the control plane, the prober reads its /traffic window) or from probes
     # only (control plane with --no-traffic-stream, prober without --traffic).
     traffic: bool = False
+    # Sliding-TTL pins (control_plane/affinity/): True needs them (the product's default,
+    # which needs the traffic stream: pins come from the sessions Envoy reports); False runs
+    # the control plane with --max-pins 0; None: either (no ring change can move sessions).
+    pins: bool | None = None
+
+    @property
+    def stack(self) -> tuple[bool | None, bool | None]:
+        """(traffic stream, pins) this strategy needs of the hotpath stack; None: either."""
+        traffic = self.traffic if self.prober else (True if self.pins else None)
+        return traffic, self.pins
 
 
 STRATEGIES = (
     StrategySpec("round_robin", "round robin (Envoy)", "hotpath", lb="round_robin"),
     StrategySpec("least_request", "least request (Envoy)", "hotpath", lb="least_request"),
-    StrategySpec("ring_hash", "hotpath ring hash", "hotpath", lb="ring_hash"),
+    StrategySpec("ring_hash", "hotpath ring hash", "hotpath", lb="ring_hash", pins=True),
+    StrategySpec("ring_hash_no_pins", "hotpath ring hash, no pins", "hotpath", lb="ring_hash",
+                 pins=False),
     StrategySpec("ring_hash_prober", "hotpath ring hash + prober", "hotpath", lb="ring_hash",
                  prober=True),
     StrategySpec("ring_hash_traffic", "hotpath ring hash + prober + traffic", "hotpath",
@@ -161,15 +176,18 @@ async def prime(backends: Sequence[Backend], model: str, system_prompt: str,
 class HotpathStack:
     """etcd (embedded unless one is given), the control plane and one Envoy, on free ports.
     The control plane serves its metrics (and its `/traffic` window) on `metrics_url`; with
-    `traffic_stream` off it runs with --no-traffic-stream. `stop` ends the control plane and
-    Envoy but not etcd, so a stack of the other kind can start on the same etcd."""
+    `traffic_stream` off it runs with --no-traffic-stream, with `pins` off with --max-pins 0.
+    `stop` ends the control plane and Envoy but not etcd, so a stack of another kind can start
+    on the same etcd."""
 
     def __init__(self, group: ProcessGroup, etcd_url: str | None = None,
-                 prefix: str = "/hotpath-bench/", traffic_stream: bool = True) -> None:
+                 prefix: str = "/hotpath-bench/", traffic_stream: bool = True,
+                 pins: bool = True) -> None:
         self.group = group
         self.etcd_url = etcd_url
         self.settings = EtcdSettings(urls=etcd_url or "", prefix=prefix)
         self.traffic_stream = traffic_stream
+        self.pins = pins
         self.listen_port = 0
         self.metrics_port = 0
         self.admin_url = ""
@@ -183,6 +201,16 @@ class HotpathStack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    def control_plane_command(self, xds_port: int, access_log: Path) -> list[str]:
+        assert self.etcd_url is not None
+        return [
+            sys.executable, "-m", "control_plane", "control-plane", "--etcd", self.etcd_url,
+            "--prefix", self.settings.prefix, "--xds", f"127.0.0.1:{xds_port}",
+            "--listen", f"127.0.0.1:{self.listen_port}", "--access-log", str(access_log),
+            "--metrics", f"127.0.0.1:{self.metrics_port}",
+            *([] if self.traffic_stream else ["--no-traffic-stream"]),
+            *([] if self.pins else ["--max-pins", "0"])]
+
     async def stop(self) -> None:
         for child in reversed(self._children):
             await asyncio.to_thread(self.group.stop, child)
@@ -190,7 +218,7 @@ class HotpathStack:
 
     async def start(self) -> None:
         g = self.group
-        suffix = "" if self.traffic_stream else "-no-stream"
+        suffix = ("" if self.traffic_stream else "-no-stream") + ("" if self.pins else "-no-pins")
         if self.etcd_url is None:
             client_port, peer_port = processes.free_port(), processes.free_port()
             self.etcd_url = f"http://127.0.0.1:{client_port}"
@@ -206,13 +234,8 @@ class HotpathStack:
         xds, self.listen_port = processes.free_port(), processes.free_port()
         self.metrics_port = processes.free_port()
         cp_name, envoy_name = f"control-plane{suffix}", f"envoy{suffix}"
-        cp = g.start(cp_name, [
-            sys.executable, "-m", "control_plane", "control-plane", "--etcd", self.etcd_url,
-            "--prefix", self.settings.prefix, "--xds", f"127.0.0.1:{xds}",
-            "--listen", f"127.0.0.1:{self.listen_port}",
-            "--access-log", str((g.workdir / f"{envoy_name}-access.log").resolve()),
-            "--metrics", f"127.0.0.1:{self.metrics_port}",
-            *([] if self.traffic_stream else ["--no-traffic-stream"])])
+        cp = g.start(cp_name, self.control_plane_command(
+            xds, (g.workdir / f"{envoy_name}-access.log").resolve()))
         self._children.append(cp)
         await g.wait(cp_name, cp, lambda: processes.port_open("127.0.0.1", xds), 30,
                      "xDS port")
@@ -283,7 +306,7 @@ class HotpathStack:
             for item in dump.get("configs", []):
                 cluster = item.get("cluster", {})
                 if cluster.get("name") == pool:
-                    return bool(cluster.get("lb_policy") == want_lb)
+                    return lb_policy(cluster) == want_lb
             return False
 
         loop = asyncio.get_running_loop()
@@ -293,6 +316,69 @@ class HotpathStack:
                 raise BenchError(f"Envoy did not converge on pool {pool} ({ids}) in 30s")
             await asyncio.sleep(0.1)
         return ids
+
+
+    async def add(self, pool: str, backends: Sequence[Backend], first: int) -> list[str]:
+        """Register more endpoints (ids `<pool>-<first>`, `<pool>-<first + 1>`, ...) in the
+        pool, as a server that joins does; return once Envoy runs them (with pins, the control
+        plane holds the ring change until the pins for it are in force)."""
+        ids = [f"{pool}-{first + i}" for i in range(len(backends))]
+        want = {(i, b.port) for i, b in zip(ids, backends, strict=True)}
+        async with etcd_client(self.settings) as client:
+            for endpoint, b in zip(ids, backends, strict=True):
+                await put_json(client, self.settings, f"endpoints/{pool}/{endpoint}",
+                               {"address": b.host, "port": b.port})
+
+        def joined() -> bool:
+            hosts = {(h.hostname, h.port) for h in parse_clusters(
+                get_json(f"{self.admin_url}/clusters?format=json")) if h.cluster == pool}
+            return want <= hosts
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not await asyncio.to_thread(joined):
+            if loop.time() > deadline:
+                raise BenchError(f"Envoy did not add {ids} to pool {pool} within 30s")
+            await asyncio.sleep(0.02)
+        return ids
+
+    async def metrics(self) -> dict[str, float]:
+        """The control plane's own counters (`hotpath_*` lines of its /metrics, labels
+        dropped: the bench has one pool that pins); {} when it does not answer."""
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                async with http.get(f"{self.metrics_url}/metrics") as resp:
+                    text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+        return control_plane_counters(text)
+
+
+_CP_METRIC = re.compile(r"^(hotpath_[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$")
+
+
+def control_plane_counters(text: str, pool: str = BENCH_POOL) -> dict[str, float]:
+    """`hotpath_*` values of a control plane's /metrics: unlabelled ones, and `pool`'s."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _CP_METRIC.match(line)
+        if m and (m.group(2) is None or f'pool="{pool}"' in m.group(2)):
+            out[m.group(1)] = float(m.group(3))
+    return out
+
+
+def lb_policy(cluster: dict[str, Any]) -> str | None:
+    """A cluster's load balancer as Envoy's config dump shows it: `lb_policy` (absent for
+    round robin), or the policy inside `load_balancing_policy`, where hotpath's ring-hash
+    clusters put ring hash as the fallback of override-host (pins)."""
+    policy = cluster.get("load_balancing_policy")
+    if policy:
+        text = json.dumps(policy)
+        for name in ("ring_hash", "maglev", "least_request", "round_robin"):
+            if f"envoy.load_balancing_policies.{name}" in text:
+                return None if name == "round_robin" else name.upper()
+    value = cluster.get("lb_policy")
+    return value if isinstance(value, str) else None
 
 
 def prober_command(stack: HotpathStack, traffic: bool = False,

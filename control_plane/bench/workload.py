@@ -78,6 +78,23 @@ class SlowServer:
 
 
 @dataclass(frozen=True)
+class ServersJoin:
+    """The fleet grows while sessions are active: the last `servers` of the pool's servers
+    join `at_s` scenario seconds after the first session (before it only the others serve).
+    `session_ttl_s` is the pool's `session_ttl_s` in scenario seconds: the bench writes it
+    times the time scale, since the control plane counts it on the wall clock."""
+
+    at_s: float
+    servers: int = 2
+    session_ttl_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.at_s < 0 or self.servers < 1 or self.session_ttl_s <= 0:
+            raise ValueError(f"need a join at >= 0 s of >= 1 server with a session TTL > 0 s, "
+                             f"got {self.at_s} s, {self.servers} and {self.session_ttl_s} s")
+
+
+@dataclass(frozen=True)
 class Turn:
     user: str
     max_tokens: int
@@ -155,3 +172,14 @@ def balanced_assignment(workload: Workload, servers: int) -> dict[str, int]:
     if servers < 1:
         raise ValueError("servers must be >= 1")
     return {s.id: s.index % servers for s in workload.sessions}
+
+
+def join_assignment(workload: Workload, initial: int, total: int, at_s: float
+                    ) -> dict[str, int]:
+    """Session -> server for the oracle while servers join: each session stays on the server
+    it was dealt when it arrived, dealt in arrival order over the servers present then: the
+    first `initial` before `at_s` (scenario seconds), all `total` from then on."""
+    if not 1 <= initial <= total:
+        raise ValueError(f"need 1 <= initial <= total servers, got {initial} and {total}")
+    return {s.id: s.index % (initial if s.start_s < at_s else total)
+            for s in workload.sessions}

@@ -11,7 +11,7 @@ import pytest
 
 from control_plane.bench import BenchConfig, run_bench
 from control_plane.bench.report import format_report, write_json
-from control_plane.bench.workload import Scenario, SlowServer
+from control_plane.bench.workload import Scenario, ServersJoin, SlowServer
 from control_plane.sim.model import SimParams
 from tests.harness import Etcd
 
@@ -82,3 +82,43 @@ async def test_bench_smoke_slow_server_turns_slow_mid_run(
     # Its turns after the onset waited the extra 4 s (jitter: +-5%) for their first token.
     assert rr["after_slow_ttft_s"]["p99"] >= 3.5, rr
     assert "Slow server" in format_report(report)
+
+
+JOINING = Scenario(sessions=8, min_turns=5, max_turns=5, arrival_window_s=30, min_think_s=3,
+                   max_think_s=6, system_tokens=60, min_first_tokens=150, max_first_tokens=250,
+                   min_followup_tokens=20, max_followup_tokens=40, min_answer_tokens=8,
+                   max_answer_tokens=16, seed=7)
+
+
+async def test_bench_smoke_servers_join_mid_run(
+        tmp_path: Path, etcd_server: Etcd, prefix: str) -> None:
+    """The servers-join scenario end to end: 2 of 4 servers join 15 s into the replay; ring
+    hash runs on a control plane with --max-pins 0, then (restarted) with pins, and the
+    leader pins the active sessions it knew; the oracle deals by arrival; nginx (when
+    installed) gets the servers by a reload."""
+    cfg = BenchConfig(
+        scenario=JOINING, servers=4,
+        sim=SimParams(time_scale=0.1, cold_start_s=2.0, idle_to_cold_s=1e9, seed=7),
+        strategies=("ring_hash_no_pins", "ring_hash", "oracle", "nginx-hash"),
+        join=ServersJoin(at_s=15.0, servers=2, session_ttl_s=600.0), deadline_s=60,
+        overhead=False, etcd=etcd_server.url, prefix=prefix, out_dir=tmp_path)
+    report = await run_bench(cfg, progress_out=None)
+
+    assert report["servers_join"] == {"servers": 2, "total": 4, "at_s": 15.0,
+                                      "session_ttl_s": 600.0, "session_ttl_wall_s": 60.0}
+    by = {s["name"]: s for s in report["strategies"]}
+    runs = [name for name in by if by[name]["available"]]
+    assert runs[:3] == ["ring_hash_no_pins", "ring_hash", "oracle"], by
+    for name in runs:
+        s = by[name]
+        assert s["ok"] == s["turns"] == 40, s
+        assert s["joined_s"] is not None and s["joined_s"] >= 15.0, s
+        assert s["joining_server_turns"] > 0 and s["spanning_sessions"] > 0, s
+        assert s["probe_requests"] == 0, s  # the priming is not counted
+    pinned, unpinned = by["ring_hash"], by["ring_hash_no_pins"]
+    assert unpinned["pins_added"] == 0 and pinned["unpinned_ring_changes"] == 0
+    assert pinned["pins_added"] > 0, pinned
+    assert by["oracle"]["moved_sessions"] == 0
+    assert [t["what"] for t in report["targets"]][:2] == [
+        "ring_hash prefix-cache hit ratio, returning turns", "ring_hash p95 TTFT / oracle"]
+    assert "Servers join (2 of 4 servers join at 15.0 s" in format_report(report)
