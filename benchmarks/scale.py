@@ -10,7 +10,10 @@ LDS and RDS and ACK every response) and, with ``--envoy``, one real Envoy. Then:
   (its ``cluster.<pool>.update_success`` moved and nothing is warming);
 - idle control-plane CPU over ``--idle-s`` seconds with nothing changing;
 - with ``--churn N``: N weight changes per second on pool p0 for ``--churn-s`` seconds,
-  then how long after the last write Envoy's hosts match etcd.
+  then how long after the last write Envoy's hosts match etcd, and how many cluster (CDS)
+  and host-set updates Envoy took meanwhile (a weight change should be EDS only: the
+  control plane keeps the minimum ring size while it still fits, translate/clusters.py).
+  ``--start-weights random`` starts from weights 1-4 instead of all 1.
 
 ``--ring-points P`` writes every pool with ``ring_points_per_weight`` P (Envoy's memory and
 apply time scale with it); ``--delta`` gives the real Envoy a DELTA_GRPC bootstrap (the
@@ -162,6 +165,8 @@ class BenchEnvoy(EnvoyProcess):
 
 
 XDS_RX = "cluster.hotpath_xds.upstream_cx_rx_bytes_total"
+# Clusters replaced through CDS (each one warmed again before it takes over).
+CLUSTER_MODIFIED = "cluster_manager.cluster_modified"
 
 
 def envoy_stats(admin: str, names: list[str]) -> dict[str, int]:
@@ -252,14 +257,19 @@ async def main(args: argparse.Namespace) -> None:
                 runner, _ = await loopback_upstreams(args.endpoints, upstream_port)
                 address = {"address": lambda p, i: f"127.1.{i // 250}.{i % 250 + 1}",
                            "port": lambda p, i: upstream_port}
+            # --start-weights random: weights 1-4 from the start, so --churn is a random walk
+            # of the total weight (from all 1 it drifts up by ~1.5 per write).
+            start_rng = random.Random(11)
+            weights = {key: start_rng.randint(1, 4) if args.start_weights == "random" else 1
+                       for key in keys}
             for start in range(0, len(keys), 200):
                 await asyncio.gather(*(
                     put_json(client, settings, f"endpoints/{pool}/{eid}",
                              {"address": address["address"](p, i),
-                              "port": address["port"](p, i)})
+                              "port": address["port"](p, i),
+                              "weight": weights[(pool, eid)]})
                     for n, (pool, eid) in enumerate(keys[start:start + 200])
                     for p, i in [divmod(start + n, args.endpoints)]))
-            weights = {key: 1 for key in keys}
             channels = [grpc.aio.insecure_channel(
                 f"127.0.0.1:{stack.control_plane.xds_port}",
                 options=[("grpc.use_local_subchannel_pool", 1),
@@ -355,6 +365,9 @@ async def main(args: argparse.Namespace) -> None:
             if args.churn:
                 rng = random.Random(7)
                 pool_keys = [k for k in keys if k[0] == "p0"]
+                churn_stats = [CLUSTER_MODIFIED, "cluster.p0.update_success"]
+                stats0 = (await asyncio.to_thread(envoy_stats, admin, churn_stats)
+                          if args.envoy else {})
                 cpu0 = cpu_s(cp_pid)
                 start = time.monotonic()
                 n = 0
@@ -377,6 +390,12 @@ async def main(args: argparse.Namespace) -> None:
                         "Envoy to match etcd", 0.05)
                     rows.append(("churn: Envoy matches etcd after the last write (ms)",
                                  f"{(time.monotonic() - last_write) * 1000:.0f}"))
+                    stats1 = await asyncio.to_thread(envoy_stats, admin, churn_stats)
+                    delta = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in churn_stats}
+                    rows.append(("churn: cluster updates Envoy took (CDS, cluster_modified)",
+                                 str(delta[CLUSTER_MODIFIED])))
+                    rows.append(("churn: host-set updates Envoy took (p0 update_success)",
+                                 str(delta["cluster.p0.update_success"])))
                 rows.append(("churn: control-plane CPU (% of one core)",
                              f"{(cpu_s(cp_pid) - cpu0) / (time.monotonic() - start) * 100:.0f}"))
             if args.envoy:
@@ -406,6 +425,8 @@ if __name__ == "__main__":
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--churn", type=int, default=0, help="writes per second on pool p0")
     parser.add_argument("--churn-s", type=float, default=30.0)
+    parser.add_argument("--start-weights", choices=["1", "random"], default="1",
+                        help="endpoint weights before the churn: all 1, or random 1-4")
     parser.add_argument("--ring-points", type=int, default=None,
                         help="ring_points_per_weight of every pool (default: hotpath's)")
     parser.add_argument("--hash-balance-factor", type=int, default=None)

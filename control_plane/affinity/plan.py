@@ -19,7 +19,7 @@ from control_plane.affinity.ring import Ring, RingHost, fingerprint
 from control_plane.config.model import Pool
 from control_plane.config.pins import MAX_PINS, Pin, PinTable
 from control_plane.translate.clusters import MAX_RING_SIZE, minimum_ring_size
-from control_plane.translate.warmth import HEALTHY, Route
+from control_plane.translate.warmth import HEALTHY, Route, ring_size
 
 
 @dataclass(frozen=True)
@@ -49,20 +49,29 @@ def ring_hosts(routes: Mapping[str, Route]) -> list[RingHost]:
 
 
 def ring_id(pool: Pool, routes: Mapping[str, Route]) -> str:
-    """The fingerprint of the ring Envoy builds from ``routes``."""
-    return fingerprint(ring_hosts(routes), minimum_ring_size(pool, routes))
+    """The fingerprint of the ring Envoy builds from ``routes``: of what decides it, the
+    hosts in EDS order, their EDS weights and their points, not of the minimum ring size
+    the cluster carries (translate/clusters.py ``minimum_ring_size``: every size a control
+    plane may publish gives every host exactly its points, and two control planes, or one
+    before and after a restart, may publish different ones for the same ring). The points
+    enter as their sum, clamped to Envoy's maximum as Envoy clamps the ring: with the EDS
+    weights that fixes every host's points (they are proportional to the weights,
+    translate/warmth.py), and it is the size the fingerprint had when the minimum ring size
+    was always that sum, so stored pin tables and older control planes name a ring alike."""
+    points = min(max(pool.ring_points_per_weight, ring_size(routes)), MAX_RING_SIZE)
+    return fingerprint(ring_hosts(routes), points)
 
 
 def pool_ring(pool: Pool, routes: Mapping[str, Route],
               last: tuple[str, Ring] | None = None) -> tuple[Ring, str]:
-    """The pool's ring and its fingerprint; ``last`` (id, ring) is reused when unchanged
-    (a 1,000-host ring takes ~0.7 s to hash the first time)."""
-    hosts = ring_hosts(routes)
-    size = minimum_ring_size(pool, routes)
-    name = fingerprint(hosts, size)
+    """The pool's ring and its fingerprint (``ring_id``); ``last`` (id, ring) is reused
+    when unchanged (a 1,000-host ring takes ~0.7 s to hash the first time). Built with the
+    minimum ring size a fresh control plane would publish: Envoy's ring is the same for
+    every size the Translator may have published instead."""
+    name = ring_id(pool, routes)
     if last is not None and last[0] == name:
         return last[1], name
-    return Ring(hosts, size, MAX_RING_SIZE), name
+    return Ring(ring_hosts(routes), minimum_ring_size(pool, routes), MAX_RING_SIZE), name
 
 
 def ring_points(routes: Mapping[str, Route]) -> dict[str, int]:
@@ -83,9 +92,12 @@ def moves_active(before: Mapping[str, int], after: Mapping[str, int],
 
 def plan(pool: str, stored: PinTable | None, ring: Ring, ring_id: str,
          active: Mapping[str, Active], hosts: Collection[str], now: float, ttl_s: float,
-         cap: int = MAX_PINS) -> Plan:
+         cap: int = MAX_PINS, changing: bool = False) -> Plan:
     """The pin table for ``ring`` (named ``ring_id``), from the stored one and the active
-    sessions; ``hosts``: the endpoints pins may point to (translate/warmth.py ``pinnable``)."""
+    sessions; ``hosts``: the endpoints pins may point to (translate/warmth.py ``pinnable``).
+    New pins are made when the stored table is for another ring, and while ``changing``
+    (just after a ring change: a request in flight at the change is reported up to one
+    access-log flush later, on the host the old ring gave it)."""
     pins: dict[str, Pin] = {}
     expired = dropped = released = added = 0
     for session, pin in (stored.pins if stored is not None else {}).items():
@@ -100,7 +112,7 @@ def plan(pool: str, stored: PinTable | None, ring: Ring, ring_id: str,
             released += 1
         else:
             pins[session] = Pin(pin.endpoint, seen)
-    if stored is None or stored.ring != ring_id:
+    if changing or stored is None or stored.ring != ring_id:
         for session, seen_now in active.items():
             if (session in pins or seen_now.ring_hash is None or seen_now.endpoint not in hosts
                     or now - seen_now.seen > ttl_s):

@@ -10,6 +10,13 @@ cluster and load assignment are the very objects of the last call, which the sna
 builder recognizes without serializing them again. The listener and the route
 configuration are rebuilt only when the pools or the settings change. ``next_change``
 says when time alone will change the output, so nothing needs a periodic rebuild.
+
+The Translator also remembers each ring-hash pool's minimum ring size and keeps it while it
+still gives every host exactly its ring points (translate/clusters.py ``minimum_ring_size``):
+a weight change then usually changes only the pool's load assignment, not its cluster (EDS
+alone, no CDS push and no cluster warming in Envoy). Two Translators with different
+histories may so publish different sizes for one config; the ring is the same
+(affinity/plan.py ``ring_id`` names it without the size).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from control_plane.config.model import (
 )
 from control_plane.config.pins import PinTable
 from control_plane.config.splits import serving_table
-from control_plane.translate.clusters import build_cluster
+from control_plane.translate.clusters import build_cluster, minimum_ring_size
 from control_plane.translate.endpoints import build_load_assignment
 from control_plane.translate.listeners import FilterPins, build_listener, build_lua_filter_config
 from control_plane.translate.routes import SplitRoutes, build_route_configuration
@@ -95,6 +102,7 @@ class _PoolEntry:
     cluster: Message
     assignment: Message
     drains: Mapping[str, Drain]
+    min_ring_size: int | None = None  # the cluster's minimum_ring_size (ring_hash pools)
 
 
 class Translator:
@@ -235,15 +243,23 @@ class Translator:
         # A drain ending is a moment time alone changes the routing, like a status going stale.
         valid_until = min([stale_deadline(pool, statuses, now, fleet)]
                           + [d.until for d in drains.values() if d.until > now])
+        previous = entry.min_ring_size if entry is not None else None
         if (entry is not None and entry.pool == pool and entry.resolved == resolved
                 and _same(entry.endpoints, endpoints) and entry.routes == routes):
             # Only a status refresh (or time): same routing, same resources.
-            cluster, assignment = entry.cluster, entry.assignment
+            cluster, assignment, size = entry.cluster, entry.assignment, previous
         else:
             self.rebuilt_pools += 1
-            cluster = build_cluster(pool, routes)
+            # The last published size while it still gives every host its points.
+            size = (minimum_ring_size(pool, routes, previous) if pool.lb == "ring_hash"
+                    else None)
+            if entry is not None and entry.pool == pool and size == previous:
+                cluster = entry.cluster  # it depends on the routes only through the size
+            else:
+                cluster = build_cluster(pool, routes, size)
             assignment = build_load_assignment(pool, present, resolved, routes)
         entry = _PoolEntry(pool, endpoints, statuses, resolved, uses_dns, dns_epoch, now,
-                           valid_until, stale_after, routes, cluster, assignment, drains)
+                           valid_until, stale_after, routes, cluster, assignment, drains,
+                           size)
         self._pools[pool.name] = entry
         return entry

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,7 @@ from control_plane.affinity.plan import (
     ring_hosts,
     ring_id,
 )
-from control_plane.affinity.ring import Ring, RingHost, key_hash
+from control_plane.affinity.ring import Ring, RingHost, fingerprint, key_hash
 from control_plane.cli.status import drain_state, session_counts
 from control_plane.config.drains import Drain, parse_drain
 from control_plane.config.model import (
@@ -30,8 +31,17 @@ from control_plane.config.model import (
 )
 from control_plane.config.pins import Pin, PinTable, parse_pins, pins_to_json
 from control_plane.errors import ConfigError
+from control_plane.translate.clusters import MAX_RING_SIZE, ring_settings
 from control_plane.translate.resources import Translator
-from control_plane.translate.warmth import DEGRADED, HEALTHY, UNHEALTHY, pinnable, pool_routes
+from control_plane.translate.warmth import (
+    DEGRADED,
+    HEALTHY,
+    UNHEALTHY,
+    Route,
+    pinnable,
+    pool_routes,
+)
+from control_plane.xds import types
 
 POOL = Pool(name="chat", models=("m",))
 NOW = 1_000_000.0
@@ -76,13 +86,49 @@ def test_a_joining_host_takes_only_its_share() -> None:
     assert 0.2 < len(moved) / len(keys) < 0.3
 
 
-def test_ring_id_names_hosts_weights_and_size() -> None:
+def test_ring_id_names_hosts_weights_and_points() -> None:
     routes = pool_routes(POOL, endpoints(3), {}, NOW)
     assert ring_id(POOL, routes) == ring_id(POOL, dict(routes))
     assert ring_id(POOL, routes) != ring_id(POOL, pool_routes(POOL, endpoints(4), {}, NOW))
     heavy = {**endpoints(3), "gpu-0": Endpoint("chat", "gpu-0", "127.0.0.1", 8000, 2)}
     assert ring_id(POOL, routes) != ring_id(POOL, pool_routes(POOL, heavy, {}, NOW))
     assert [h.key for h in ring_hosts(routes)] == ["gpu-0", "gpu-1", "gpu-2"]
+    # The same hosts and weights with other points per weight: another ring.
+    finer = Pool(name="chat", models=("m",), ring_points_per_weight=256)
+    assert ring_id(POOL, routes) != ring_id(finer, pool_routes(finer, endpoints(3), {}, NOW))
+    # The name a ring had while the minimum ring size was always the sum of the points:
+    # pin tables stored by then, and control planes of then, name the ring alike.
+    assert ring_id(POOL, routes) == fingerprint(ring_hosts(routes), 3 * 128)
+
+
+def test_ring_id_and_ring_do_not_depend_on_the_size_a_control_plane_published() -> None:
+    """Two control planes with other histories publish other minimum ring sizes for one
+    config; they name it alike, and Envoy's ring (ring.py) is the same with either size."""
+    pool = Pool(name="chat", models=("m",), ring_points_per_weight=16)
+
+    def publish(translator: Translator, count: int) -> tuple[int, dict[str, Route]]:
+        eps = {f"gpu-{i}": Endpoint("chat", f"gpu-{i}", "127.0.0.1", 8000 + i)
+               for i in range(count)}
+        out = translator.translate(Config(pools={"chat": pool}, endpoints={"chat": eps}),
+                                   lambda e: e.address, GatewaySettings(), NOW)
+        ring = ring_settings(out[types.CLUSTER]["chat"])  # type: ignore[arg-type]
+        assert ring is not None
+        return ring.minimum_ring_size.value, translator.routes("chat") or {}
+
+    fresh, routes = publish(Translator(), 100)
+    older = Translator()
+    publish(older, 97)  # 97 hosts first: a size that still serves 100
+    kept, same = publish(older, 100)
+    assert routes == same and fresh != kept, (fresh, kept)
+    assert ring_id(pool, routes) == ring_id(pool, same)
+    hosts = ring_hosts(routes)
+    a, b = Ring(hosts, fresh, MAX_RING_SIZE), Ring(hosts, kept, MAX_RING_SIZE)
+    assert a.counts() == b.counts() == dict.fromkeys((h.key for h in hosts), 16)
+    keys = [key_hash(f"k{n}") for n in range(2000)]
+    assert [a.owner(h) for h in keys] == [b.owner(h) for h in keys]
+    mirrored, name = pool_ring(pool, routes)
+    assert name == ring_id(pool, routes)
+    assert [mirrored.owner(h) for h in keys] == [b.owner(h) for h in keys]
 
 
 # --- planner -----------------------------------------------------------------------------
@@ -233,10 +279,25 @@ def test_the_filter_gets_only_pins_to_pinnable_hosts() -> None:
 
 
 def test_status_counts_each_session_once_where_it_was_served_last() -> None:
-    views = [{"chat": {"h-1": ["00", "gpu-0", 10.0], "h-2": [None, "gpu-1", 10.0]}},
-             {"chat": {"h-1": ["00", "gpu-2", 11.0]}}]
+    views: list[dict[str, Any]] = [
+        {"chat": {"h-1": ["00", "gpu-0", 10.0], "h-2": [None, "gpu-1", 10.0]}},
+        {"chat": {"h-1": ["00", "gpu-2", 11.0]}}]
     assert session_counts(views) == {("chat", "gpu-2"): 1, ("chat", "gpu-1"): 1}
     assert drain_state(None, NOW, 5) is None
     assert drain_state(NOW + 1, NOW, 5) == "draining"
     assert drain_state(NOW + 1, NOW, 0) == "drained"
     assert drain_state(NOW - 1, NOW, 5) == "drained"
+
+
+def test_just_after_a_ring_change_late_reports_are_pinned_too() -> None:
+    three, _ = ring_of(3)
+    four, four_id = ring_of(4)
+    stored = PinTable("chat", four_id, {})  # the change was planned already
+    late = sessions(three)  # turns that were in flight at the change, reported after it
+    everyone = {"gpu-0", "gpu-1", "gpu-2", "gpu-3"}
+    quiet = plan("chat", stored, four, four_id, late, everyone, NOW, TTL)
+    assert quiet.added == 0
+    grace = plan("chat", stored, four, four_id, late, everyone, NOW, TTL, changing=True)
+    assert grace.added == len(grace.table.pins) > 0
+    assert all(four.owner(late[s].ring_hash or 0) != p.endpoint
+               for s, p in grace.table.pins.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,22 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from control_plane.config import limits
-from control_plane.config.model import Endpoint, GatewaySettings, Pool, Status, WarmState, Warmup
+from control_plane.config.model import (
+    Config,
+    Endpoint,
+    GatewaySettings,
+    Pool,
+    Status,
+    WarmState,
+    Warmup,
+)
 from control_plane.contract import LISTENER_NAME, ROUTE_CONFIG_NAME
-from control_plane.translate.clusters import MAX_RING_SIZE, ring_settings
+from control_plane.translate.clusters import (
+    MAX_RING_SIZE,
+    gives_every_host_its_points,
+    minimum_ring_size,
+    ring_settings,
+)
 from control_plane.translate.listeners import (
     LUA_FILTER_CONFIG_NAME,
     LUA_TYPE_URL,
@@ -40,12 +54,17 @@ from control_plane.translate.listeners import (
     build_lua_filter_config,
 )
 from control_plane.translate.lua import LUA_DIR_ENV, lua_asset, render_lua_source
+from control_plane.translate.resources import Translator
 from control_plane.translate.routes import (
     MODEL_HEADER,
     SESSION_HEADER,
     build_route_configuration,
 )
+from control_plane.translate.warmth import Route, pool_routes
+from control_plane.xds import types
+from control_plane.xds.snapshot import SnapshotBuilder
 from tests.unit.builders import build_cluster, build_load_assignment
+from tests.unit.test_warmth_routing import envoy_points
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
@@ -172,8 +191,19 @@ def test_ring_size_is_points_per_weight_times_total_weight(weights: list[int],
 def test_ring_size_follows_the_pools_points_per_weight(points: int) -> None:
     pool = Pool(name="p", models=("m",), ring_points_per_weight=points)
     for n in (1, 2, 3):
-        cluster = build_cluster(pool, endpoint_dicts(n, weight=2))
-        assert ring_settings(cluster).minimum_ring_size.value == n * 2 * points
+        eps = endpoint_dicts(n, weight=2)
+        size = ring_settings(build_cluster(pool, eps)).minimum_ring_size.value
+        routes = pool_routes(pool, eps, {}, NOW)
+        # Every host gets exactly its 2 x points (Envoy's arithmetic, exact).
+        assert set(envoy_points(routes, size).values()) == {2 * points}
+        if points > 1:
+            # Too few hosts for a window of a whole weight unit: the sum of the points.
+            assert size == n * 2 * points
+    # One point per weight unit and a smallest host of 2: any size up to the sum will do
+    # (ceil(2/6 x size) = 2 for size 4..6), and the middle one leaves room both ways.
+    one = Pool(name="p", models=("m",), ring_points_per_weight=1)
+    assert ring_settings(build_cluster(one, endpoint_dicts(3, weight=2))
+                         ).minimum_ring_size.value == 5
 
 
 def test_ring_points_per_host_constant_when_a_host_leaves() -> None:
@@ -206,12 +236,115 @@ def test_ring_size_clamped_at_envoy_maximum_and_warned_once(
     assert len([r for r in caplog.records if "pools/big" in r.getMessage()]) == 1
 
 
-def test_default_fits_65536_weight_units_unclamped() -> None:
+def test_default_fits_65536_weight_units_unclamped(caplog: pytest.LogCaptureFixture) -> None:
     # 8 Mi / 128 = 65,536 weight units: e.g. 16,384 hosts of weight 4 keep the guarantee.
     assert MAX_RING_SIZE // DEFAULT_POINTS == 65536
     pool = Pool(name="wide", models=("m",))
-    cluster = build_cluster(pool, endpoint_dicts(512, weight=128))
-    assert ring_settings(cluster).minimum_ring_size.value == MAX_RING_SIZE
+    eps = endpoint_dicts(512, weight=128)
+    with caplog.at_level("WARNING", logger="hotpath.translate"):
+        size = ring_settings(build_cluster(pool, eps)).minimum_ring_size.value
+    assert not caplog.records  # not clamped
+    # The sum is exactly the maximum; the size leaves room for 2 weight units either way.
+    assert size == MAX_RING_SIZE - 2 * DEFAULT_POINTS
+    assert set(envoy_points(pool_routes(pool, eps, {}, NOW), size).values()) == {128 * 128}
+
+
+# --- the minimum ring size's window and hysteresis ------------------------------------------
+
+WIDE = Pool(name="wide", models=("m",))  # 128 points per weight unit
+
+
+def wide_routes(weights: Mapping[str, int] | None = None, count: int = 1000
+                ) -> dict[str, Route]:
+    """A pool of ``count`` hosts of weight 1 but for ``weights``."""
+    eps = {f"e{i}": Endpoint("wide", f"e{i}", "10.0.0.1", 80, 1) for i in range(count)}
+    for eid, weight in (weights or {}).items():
+        eps[eid] = Endpoint("wide", eid, "10.0.0.1", 80, weight)
+    return pool_routes(WIDE, eps, {}, NOW)
+
+
+def test_ring_size_window_is_every_size_that_gives_the_smallest_host_its_points() -> None:
+    routes = wide_routes()  # sum 128,000 points, the smallest host 128
+    # ceil(size / 1000) == 128 for size in (127,000, 128,000].
+    assert [gives_every_host_its_points(routes, size)
+            for size in (127_000, 127_001, 128_000, 128_001)] == [False, True, True, False]
+    for previous in (127_001, 127_500, 128_000):
+        assert minimum_ring_size(WIDE, routes, previous) == previous
+    fresh = minimum_ring_size(WIDE, routes)
+    for outside in (None, 127_000, 128_001, 0, MAX_RING_SIZE + 1):
+        assert minimum_ring_size(WIDE, routes, outside) == fresh
+    # In the middle of the window, in whole weight units: R - D with D x 255 < R.
+    assert fresh == 128_000 - 3 * 128
+    assert set(envoy_points(routes, fresh).values()) == {128}
+
+
+def test_ring_size_kept_across_weight_changes_both_ways() -> None:
+    size = minimum_ring_size(WIDE, wide_routes())
+    # The fresh size serves total weights 997..1004 (3 weight units down, 4 up).
+    for weights in ({"e0": 4}, {"e0": 4, "e1": 2}, {"e0": 2, "e1": 2, "e2": 2, "e3": 2}):
+        routes = wide_routes(weights, count=1000)
+        assert minimum_ring_size(WIDE, routes, size) == size, weights
+    for count in (997, 998, 999):
+        assert minimum_ring_size(WIDE, wide_routes(count=count), size) == size, count
+    # Past the margin the size moves, and then gives every host its points again.
+    for routes in (wide_routes(count=996), wide_routes({"e0": 4, "e1": 3})):
+        moved = minimum_ring_size(WIDE, routes, size)
+        assert moved != size and gives_every_host_its_points(routes, moved)
+    # The smallest host changing its weight changes the window entirely.
+    heavier = wide_routes({f"e{i}": 2 for i in range(1000)})
+    assert minimum_ring_size(WIDE, heavier, size) != size
+
+
+def test_ring_size_of_an_empty_or_clamped_ring() -> None:
+    eps = endpoint_dicts(2)
+    down = {e: Status("p", e, WarmState.DOWN, None, NOW) for e in eps}
+    empty = pool_routes(CHAT, eps, down, NOW)
+    assert minimum_ring_size(CHAT, empty) == DEFAULT_POINTS  # one weight unit's worth
+    assert minimum_ring_size(CHAT, empty, 4242) == 4242  # nothing to size: kept
+    big = Pool(name="big", models=("m",), ring_points_per_weight=4096)
+    clamped = pool_routes(big, endpoint_dicts(17, weight=128), {}, NOW)
+    assert minimum_ring_size(big, clamped, 12_345) == MAX_RING_SIZE
+
+
+def test_translator_keeps_the_cluster_while_weights_churn() -> None:
+    """Weight churn on the Translator: 100 weight changes (1-4) on a 1,000-host pool of
+    weights 1-4. Where the minimum ring size is kept the cluster is the very same object
+    and the CDS version stays (EDS only); every published size gives every host its
+    points."""
+    translator = Translator()
+    builder = SnapshotBuilder()
+    rng = random.Random(7)
+    eps = {f"e{i}": Endpoint("wide", f"e{i}", "10.0.0.1", 80, rng.randint(1, 4))
+           for i in range(1000)}
+
+    def publish(revision: int) -> tuple[Message, str, str]:
+        config = Config(pools={"wide": WIDE}, endpoints={"wide": dict(eps)})
+        out = translator.translate(config, lambda e: e.address, GatewaySettings(), NOW)
+        snapshot = builder.update(out, revision)
+        assert snapshot is not None
+        cluster = out[types.CLUSTER]["wide"]
+        size = ring_settings(cluster).minimum_ring_size.value  # type: ignore[arg-type]
+        assert gives_every_host_its_points(translator.routes("wide") or {}, size)
+        return cluster, snapshot.version(types.CLUSTER), snapshot.version(types.ENDPOINT)
+
+    cluster, cds, eds = publish(1)
+    changes = clusters = 0
+    for revision in range(2, 102):
+        eid = rng.choice(sorted(eps))
+        weight = rng.choice([w for w in (1, 2, 3, 4) if w != eps[eid].weight])
+        eps[eid] = Endpoint("wide", eid, "10.0.0.1", 80, weight)
+        new_cluster, new_cds, new_eds = publish(revision)
+        changes += 1
+        assert new_eds != eds
+        if new_cluster is not cluster:
+            clusters += 1
+            assert new_cds != cds
+        else:
+            assert new_cds == cds
+        cluster, cds, eds = new_cluster, new_cds, new_eds
+    # Every change used to change the cluster (each moves the total weight); the size now
+    # has room for about 9 weight units either way (total ~2,500 / 255).
+    assert clusters < changes / 10, clusters
 
 
 @pytest.mark.parametrize(

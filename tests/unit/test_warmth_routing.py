@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from fractions import Fraction
 
 import pytest
 from envoy.config.core.v3 import health_check_pb2
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from control_plane.affinity.plan import ring_hosts
+from control_plane.affinity.ring import Ring
 from control_plane.config.model import Endpoint, Pool, Status, WarmState, Warmup
-from control_plane.translate.clusters import ring_settings
+from control_plane.translate.clusters import (
+    MAX_RING_SIZE,
+    gives_every_host_its_points,
+    minimum_ring_size,
+    ring_settings,
+)
 from control_plane.translate.warmth import (
     DEFAULT_CAPACITY_FACTOR,
     SPILL_SCALE,
@@ -53,13 +61,14 @@ def routes(states: list[WarmState | None], weights: list[int] | None = None,
     return pool_routes(pool, endpoints(*(weights or [1] * len(states))), statuses(*states), NOW)
 
 
-def envoy_points(routes: dict[str, Route]) -> dict[str, Fraction]:
+def envoy_points(routes: Mapping[str, Route], size: int | None = None) -> dict[str, Fraction]:
     """Ring points Envoy's ring hash gives each host in the ring, computed as Envoy does
-    (ring_hash_lb.cc) with exact arithmetic, for minimum_ring_size = ring_size(routes)."""
+    (ring_hash_lb.cc) with exact arithmetic, for minimum_ring_size ``size`` (default
+    ring_size(routes), the top of the window of sizes that give every host its points)."""
     ring = {k: r for k, r in routes.items() if r.health == HEALTHY}
     total = sum(r.weight for r in ring.values())
     min_norm = Fraction(min(r.weight for r in ring.values()), total)
-    scale = math.ceil(min_norm * ring_size(routes)) / min_norm
+    scale = math.ceil(min_norm * (ring_size(routes) if size is None else size)) / min_norm
     return {k: scale * Fraction(r.weight, total) for k, r in ring.items()}
 
 
@@ -188,6 +197,9 @@ def test_routing_properties(states: list[WarmState | None], data: st.DataObject,
         assert any(x.in_ring for x in r.values()), "never blackhole a pool with a live host"
         in_ring = {k: x for k, x in r.items() if x.in_ring}
         assert envoy_points(r) == {k: x.ring_points for k, x in in_ring.items()}
+        # The size the cluster gets (with room both ways, translate/clusters.py) too.
+        assert envoy_points(r, minimum_ring_size(pool, r)) == {
+            k: x.ring_points for k, x in in_ring.items()}
         ring_warm = sum(x.ring_points for x in in_ring.values() if x.state is WARM)
         if warm_w and warm_w < total and f * warm_w < total:
             # Spill: the warm share of the ring is at most f x the warm fair share.
@@ -197,6 +209,64 @@ def test_routing_properties(states: list[WarmState | None], data: st.DataObject,
             # Whole points, exactly weight x P x (spill scale / 16).
             assert all(x.ring_points * SPILL_SCALE == per_weight * x.weight
                        for x in in_ring.values())
+
+
+# --- the minimum ring size: any size in the window, the same ring -----------------------------
+
+SMALL_POINTS = st.sampled_from([1, 3, 16, 64, 100, 128])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([WARM, COLD, DOWN, None]), st.integers(1, 4)),
+                min_size=1, max_size=6),
+       st.lists(st.tuples(st.sampled_from([WARM, COLD, DOWN, None]), st.integers(1, 4)),
+                min_size=1, max_size=6),
+       SMALL_POINTS, st.integers(1, 4096))
+def test_ring_size_with_any_history_gives_envoys_ring_of_the_points(
+        first: list[tuple[WarmState | None, int]], then: list[tuple[WarmState | None, int]],
+        per_weight: int, guess: int) -> None:
+    """Whatever size was published before (one chosen for another state of the pool, or any
+    number), the size chosen now makes Envoy build the ring of the hosts' ring points: in
+    exact arithmetic every host gets exactly its points; with Envoy's doubles (ring.py)
+    the ring is the very ring of a fresh choice (what affinity/plan.py pool_ring mirrors),
+    and each host is at most one point off its points (the running sums' rounding, which
+    does not depend on the size)."""
+    pool = Pool(name="p", models=("m",), hash_balance_factor=0,
+                ring_points_per_weight=per_weight)
+    before = routes([s for s, _ in first], [w for _, w in first], pool)
+    r = routes([s for s, _ in then], [w for _, w in then], pool)
+    for previous in (minimum_ring_size(pool, before), guess):
+        size = minimum_ring_size(pool, r, previous)
+        assert 1 <= size <= MAX_RING_SIZE
+        assert gives_every_host_its_points(r, size)
+        if gives_every_host_its_points(r, previous):
+            assert size == previous  # kept: the cluster does not change
+        if not ring_size(r):
+            continue  # an empty ring: nothing to size
+        want = {k: x.ring_points for k, x in r.items() if x.in_ring}
+        assert envoy_points(r, size) == want
+        hosts = ring_hosts(r)
+        counts = Ring(hosts, size, MAX_RING_SIZE).counts()
+        assert counts == Ring(hosts, minimum_ring_size(pool, r), MAX_RING_SIZE).counts()
+        assert all(abs(counts[k] - points) <= 1 for k, points in want.items()), (counts, want)
+
+
+def test_the_windows_top_edge_can_fail_in_doubles_and_is_avoided() -> None:
+    # 100 points per weight, weights 1 and 90: in doubles ceil(1/91 x 9100) is 101, so the
+    # old choice (the sum, 9100) gave Envoy a ring of 101 points per weight unit, 1 % more
+    # than the ring points; every size in the window gives the same ring in exact
+    # arithmetic, not in Envoy's, and the top edge is the one at risk.
+    pool = Pool(name="p", models=("m",), ring_points_per_weight=100)
+    r = routes([WARM, WARM], [1, 90], pool)
+    assert ring_size(r) == 9100
+    hosts = ring_hosts(r)
+    assert sum(Ring(hosts, 9100, MAX_RING_SIZE).counts().values()) == 91 * 101
+    assert not gives_every_host_its_points(r, 9100)
+    size = minimum_ring_size(pool, r)
+    assert size == 9099
+    # Exactly the points in total; the first host one over, the second one under: the
+    # running sums' rounding in Envoy, the same for every size in the window.
+    assert Ring(hosts, size, MAX_RING_SIZE).counts() == {"e0": 101, "e1": 8999}
 
 
 @given(state_lists, state_lists, POINTS)
