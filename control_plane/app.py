@@ -277,6 +277,16 @@ class ControlPlane:
         return all(acked.get(node, {}).get(SHORT_NAMES[types.EXTENSION_CONFIG]) == version
                    for node in self.servicer.stats.connected.values())
 
+    def _may_have_active(self, pool: str, ttl_s: float) -> bool:
+        """Whether the pool may have an active session: this control plane's Envoys served
+        one, a peer's did, or a peer has not answered lately (its sessions are unknown)."""
+        if self.traffic.window.placements(pool, time.time(), ttl_s):
+            return True
+        reports = self.sessions.reports
+        if len(reports) < len(self.settings.peers):
+            return True
+        return any(report is None or report.get(pool) for report in reports.values())
+
     def _hold_ring_changes(self, config: Config, resources: dict[str, dict[str, Message]]
                            ) -> set[str]:
         """Keep the published cluster and endpoints of every ring-hash pool whose ring change
@@ -293,6 +303,9 @@ class ControlPlane:
                     published[0], ring_points(routes), pinnable(routes)):
                 self._held_since.pop(name, None)
                 continue
+            if not self._may_have_active(name, pool.session_ttl_s):
+                self._held_since.pop(name, None)
+                continue  # nothing to keep in place: no hold
             table = config.pins.get(name)
             if table is not None and table.ring == ring_id(pool, routes):
                 acked = self._filter_acked(resources) if acked is None else acked

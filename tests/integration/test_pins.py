@@ -160,6 +160,13 @@ async def test_a_joining_server_moves_no_active_session(stack: Stack,
         # Idle past the TTL: the pins expire and each session follows the ring.
         await async_wait_for(lambda: _no_pins(stack), TTL_S * 4,
                              "the pins to expire")
+        # The filter without them reaches Envoy a push later.
+        first = sorted(would_move)[0]
+
+        async def unpinned() -> bool:
+            return await turn(session, stack, first) == (200, after.owner(key_hash(first)))
+
+        await async_wait_for(unpinned, 10, "the filter without the pins")
         back = {k: (await turn(session, stack, k)) for k in sorted(would_move)}
         wrong = {k: v for k, v in back.items() if v != (200, after.owner(key_hash(k)))}
         assert wrong == {}, wrong
