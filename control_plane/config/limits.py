@@ -52,7 +52,7 @@ WEIGHT_MAX: Final = 128
 RING_SIZE_MAX: Final = 8 * 1024 * 1024
 
 # pools/<pool> ring_points_per_weight (DESIGN.md Additions): a warm host of weight w has
-# w x this many ring points, and the minimum ring size is the sum over the ring. A pool whose
+# w x this many ring points, and the minimum ring size is about the sum over the ring. A pool whose
 # total is over RING_SIZE_MAX is clamped to it (translate/clusters.py). The default keeps a
 # 10 x 1,000-host fleet within Envoy's apply-time and memory targets while 3-host pools stay
 # balanced; docs/scale.md has the measurements.

@@ -20,8 +20,9 @@ measuring Envoy 1.40 (docs/prober.md has the numbers):
 Ring points: a warm host of configured weight ``w`` always has ``P w`` points, ``P`` being
 the pool's ``ring_points_per_weight`` (a constant of the pool), so when one host changes only
 that host's sessions move. Envoy gives a host ``min_ring_size x weight / total weight``
-points, so the cluster's minimum ring size must be the sum of the ``ring_points`` of the
-hosts in the ring (``ring_size``): every host then gets exactly its ``ring_points``.
+points (rounded as translate/clusters.py explains), so the cluster's minimum ring size is
+chosen near the sum of the ``ring_points`` of the hosts in the ring (``ring_size``), where
+every host gets exactly its ``ring_points``.
 
 While some cold host takes spill, EDS weights are ``w x SPILL_SCALE`` (16) for warm hosts
 and ``w x c`` for cold ones (``c`` in 1..16), and a host's points are ``P x c / 16 x w``
@@ -184,7 +185,8 @@ def pool_routes(pool: Pool, endpoints: Mapping[str, Endpoint], statuses: Mapping
 
 
 def ring_size(routes: Mapping[str, Route]) -> int:
-    """The minimum ring size that gives each host in the ring exactly its ``ring_points``."""
+    """The sum of the ring points of the hosts in the ring: a minimum ring size that gives
+    each host exactly its ``ring_points`` (clusters.py keeps others that do too)."""
     return sum(route.ring_points for route in routes.values())
 
 
