@@ -25,7 +25,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +206,21 @@ async def etcd_client(settings: EtcdSettings) -> AsyncIterator[Etcd3Client]:
         yield client
     finally:
         await client.close()
+
+
+async def serve_forever(settings: EtcdSettings, serve: Callable[[Etcd3Client], Awaitable[None]],
+                        what: str) -> None:
+    """Run ``serve`` with a connected client, again (with backoff) whenever etcd fails it."""
+    backoff = Backoff()
+    while True:
+        try:
+            async with etcd_client(settings) as client:
+                await serve(client)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - etcd trouble: try again
+            log.warning("%s: %s; retrying", what, exc or type(exc).__name__)
+            await backoff.sleep()
 
 
 def full_key(settings: EtcdSettings, key: str) -> str:

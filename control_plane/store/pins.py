@@ -26,7 +26,7 @@ from control_plane.affinity.plan import ring_id as plan_ring_id
 from control_plane.affinity.ring import Ring
 from control_plane.config.model import Config
 from control_plane.config.pins import MAX_PINS, pins_to_json
-from control_plane.store.etcd import Backoff, EtcdSettings, delete, etcd_client
+from control_plane.store.etcd import EtcdSettings, delete, serve_forever
 from control_plane.translate.warmth import Route, pinnable
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,7 @@ class PinWriter:
         return writes
 
     async def run(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                async with etcd_client(self.settings) as client:
-                    await self._serve(client)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - etcd trouble: try again
-                log.warning("pin writer: %s; retrying", exc or type(exc).__name__)
-                await backoff.sleep()
+        await serve_forever(self.settings, self._serve, "pin writer")
 
     async def _serve(self, client: Etcd3Client) -> None:
         assert client.kv is not None

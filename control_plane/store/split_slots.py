@@ -23,7 +23,7 @@ from etcd3aio import Etcd3Client
 
 from control_plane.config.model import Config
 from control_plane.config.splits import SLOTS, leader_table, slot_of
-from control_plane.store.etcd import Backoff, EtcdSettings, delete, etcd_client
+from control_plane.store.etcd import EtcdSettings, delete, serve_forever
 from control_plane.store.leader import LeaderElection
 
 log = logging.getLogger(__name__)
@@ -141,17 +141,8 @@ class SplitSlotsWriter:
 
     async def run(self) -> None:
         election = asyncio.create_task(self.election.run(), name="split-leader")
-        backoff = Backoff()
         try:
-            while True:
-                try:
-                    async with etcd_client(self.settings) as client:
-                        await self._serve(client)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - etcd trouble: try again
-                    log.warning("split-slots writer: %s; retrying", exc or type(exc).__name__)
-                    await backoff.sleep()
+            await serve_forever(self.settings, self._serve, "split-slots writer")
         finally:
             election.cancel()
             await asyncio.gather(election, return_exceptions=True)
