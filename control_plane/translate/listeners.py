@@ -138,15 +138,36 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
+# The access-log stream (measured: see _access_logs). An entry reaches the control plane
+# within ACCESS_LOG_FLUSH_S (buffer_flush_interval), or sooner when the worker's buffer fills.
 ACCESS_LOG_FLUSH_S = 1.0
+ACCESS_LOG_BUFFER_BYTES = 16384  # buffer_size_bytes of each worker's logger (~33 entries)
+# access_log_flush_interval: an entry per request in flight, this often (None: none). Only
+# with the stream: the file log takes ended requests only, and the timer costs every request.
+PERIODIC_ENTRY_S: float | None = 1.0
 
 
 def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
                  ) -> list[accesslog_pb2.AccessLog]:
     """The file log (one line per request that ended) and, unless turned off, the stream of
     every request's timings to the control plane, periodic entries of requests in flight
-    included. Measured on Envoy 1.40, CPU per request: no log 103 us, gRPC log 120 us, with
-    the first-body-byte tag 121.5 us, with the 1 s flush 125 us (a Lua body hook: 157 us)."""
+    included.
+
+    What an entry costs Envoy 1.40 (benchmarks/traffic_stream.py, figures and commands in
+    docs/prober.md: stacks loaded at once, tiny non-streamed requests, 2 workers): CPU per
+    request +12.5 % with the stream (+11.3 .. +12.4 % in three more runs); by ``--callgrind``
+    +35-40 k instructions per request on 303-317 k. That is the entry itself: ~54 more
+    allocations and frees (~11 k; ~25 sub-messages, strings and map nodes), building,
+    sizing, serializing and freeing it; built but never sent, CPU was the same (+12.6 %).
+    Every knob stays within a run's spread (Envoys of one config differ by ~3-5 k): no custom
+    tag -4.6 k (CPU +10.4 vs +11.8 %), both values in one tag -1.6 k (+11.7 %), no periodic
+    timer -6.1 k (+10.2 %), buffer 8 KiB +13.0 vs +12.4 %, 64 KiB -4.2 k (CPU +14.1 %), 1 s vs
+    0.25 s flush +11.3 vs +11.9 %; one gRPC message per entry is worse (+9 k, CPU +22.5 %).
+    Dynamic metadata is copied whole (no option picks keys) but holds only the Lua filter's
+    2-4 keys; no filter state is logged. So the shipped config is kept: entries are never
+    sampled and every field the consumers read stays (traffic/entries.py). Measured earlier
+    (one worker): no log 103 us, gRPC log 120 us, with the first-body-byte tag 121.5 us,
+    with the 1 s periodic flush 125 us (a Lua body hook: 157 us)."""
     ended_only = accesslog_pb2.AccessLogFilter(log_type_filter=accesslog_pb2.LogTypeFilter(
         types=[accesslog_data_pb2.AccessLogType.DownstreamEnd]))
     logs = [accesslog_pb2.AccessLog(
@@ -164,12 +185,9 @@ def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
                     envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
                         cluster_name=contract.XDS_CLUSTER)),
                 buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_S),
-                custom_tags=[
-                    custom_tag_pb2.CustomTag(tag=entries.TAG_FIRST_BODY_MS,
-                                             value=entries.FIRST_BODY_FORMAT),
-                    custom_tag_pb2.CustomTag(tag=entries.TAG_ELAPSED_MS,
-                                             value=entries.ELAPSED_FORMAT),
-                ],
+                buffer_size_bytes=wrappers_pb2.UInt32Value(value=ACCESS_LOG_BUFFER_BYTES),
+                custom_tags=[custom_tag_pb2.CustomTag(tag=tag, value=value)
+                             for tag, value in entries.CUSTOM_TAGS],
             ))
         logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
                                             typed_config=_any(stream)))
@@ -264,7 +282,8 @@ def build_listener(settings: GatewaySettings) -> listener_pb2.Listener:
         # In-flight requests get an entry per interval: one waiting for its first token is
         # seen before it ends (traffic/entries.py).
         access_log_options=hcm_pb2.HttpConnectionManager.HcmAccessLogOptions(
-            access_log_flush_interval=_duration(ACCESS_LOG_FLUSH_S)),
+            access_log_flush_interval=_duration(PERIODIC_ENTRY_S))
+        if settings.traffic_stream and PERIODIC_ENTRY_S is not None else None,
         # A non-streaming generation is silent until done: only a long idle stops it.
         stream_idle_timeout=_duration(settings.idle_timeout_s),
         request_timeout=_duration(0),

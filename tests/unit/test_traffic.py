@@ -7,15 +7,32 @@ import random
 
 import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.config.model import Config, Endpoint, Pool, Source, WarmState, Warmup
+from control_plane.config.model import (
+    Config,
+    Endpoint,
+    GatewaySettings,
+    Pool,
+    Source,
+    WarmState,
+    Warmup,
+)
 from control_plane.prober import scheduler as sched
 from control_plane.prober.service import traffic_report
-from control_plane.traffic.entries import TAG_ELAPSED_MS, TAG_FIRST_BODY_MS, observe
+from control_plane.traffic.entries import CUSTOM_TAGS, TAG_ELAPSED_MS, TAG_FIRST_BODY_MS, observe
 from control_plane.traffic.judge import judge, merge, percentile
 from control_plane.traffic.window import STALE_FLIGHT_S, EndpointTraffic, Sample, TrafficWindow
+from control_plane.translate.listeners import (
+    ACCESS_LOG_BUFFER_BYTES,
+    ACCESS_LOG_FLUSH_S,
+    build_listener,
+)
 
 NOW = 1_700_000_000.0
 
@@ -232,3 +249,50 @@ def test_without_enough_traffic_probes_decide_again() -> None:
     scheduler.traffic_seen({KEY: traffic_of(Sample(120, 0))})  # too little now
     actions = scheduler.decide(5.0, NOW + 5)
     assert any(isinstance(a, sched.Probe) for a in actions)
+
+
+# --- the stream's config (translate/listeners.py) and what entries.py reads from it --------
+
+
+def _stream_config(settings: GatewaySettings) -> tuple[hcm_pb2.HttpConnectionManager,
+                                                       als_pb2.HttpGrpcAccessLogConfig | None]:
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert build_listener(settings).filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    for log in hcm.access_log:
+        if log.name == "envoy.access_loggers.http_grpc":
+            stream = als_pb2.HttpGrpcAccessLogConfig()
+            assert log.typed_config.Unpack(stream)
+            assert not log.HasField("filter")  # every entry: never sampled
+            return hcm, stream
+    return hcm, None
+
+
+def test_the_stream_carries_the_tags_entries_reads_and_batches_16_kib() -> None:
+    hcm, stream = _stream_config(GatewaySettings())
+    assert stream is not None
+    common = stream.common_config
+    assert [(t.tag, t.value) for t in common.custom_tags] == list(CUSTOM_TAGS)
+    assert {t.tag for t in common.custom_tags} == {TAG_FIRST_BODY_MS, TAG_ELAPSED_MS}
+    assert common.buffer_size_bytes.value == ACCESS_LOG_BUFFER_BYTES == 16384
+    assert common.buffer_flush_interval.ToMilliseconds() == ACCESS_LOG_FLUSH_S * 1000
+    assert not common.filter_state_objects_to_log  # none is read
+    assert hcm.access_log_options.access_log_flush_interval.ToMilliseconds() == 1000
+
+
+def test_without_the_stream_no_logger_and_no_periodic_entries() -> None:
+    hcm, stream = _stream_config(GatewaySettings(traffic_stream=False))
+    assert stream is None
+    assert not hcm.HasField("access_log_options")  # no timer per request for nobody
+    assert [log.name for log in hcm.access_log] == ["envoy.access_loggers.file"]
+
+
+def test_an_entry_as_envoy_sends_it_gives_every_field_the_consumers_need() -> None:
+    message = entry(first_byte_ms=None, elapsed_ms=1000.0, final=False)
+    message.common_properties.metadata.filter_metadata["envoy.filters.http.lua"].update(
+        {"ring_hash": "7c2bab23758a2d02", "split_model": "m", "split_arm": "1"})
+    message.response.response_code.value = 0
+    obs = observe("envoy-1", message)
+    assert obs is not None and not obs.final and obs.first_byte_ms is None
+    assert (obs.elapsed_ms, obs.status, obs.request_bytes) == (1000.0, 0, 2048)
+    assert obs.ring_hash == 0x7C2BAB23758A2D02 and obs.split == ("m", "1")
+    assert obs.session_hash == "h-0011223344556677" and obs.address == "10.0.0.1:8000"
