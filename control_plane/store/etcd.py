@@ -223,6 +223,23 @@ async def serve_forever(settings: EtcdSettings, serve: Callable[[Etcd3Client], A
             await backoff.sleep()
 
 
+async def write_once(client: Etcd3Client, settings: EtcdSettings, key: str, raw: str | None,
+                     written: dict[str, tuple[str | None, float]], now: float,
+                     catch_up_s: float) -> bool:
+    """Put ``raw`` at ``key`` (None: delete it) unless the same value was written less than
+    ``catch_up_s`` ago (the watch has not shown it yet); True when written."""
+    last = written.get(key)
+    if last is not None and last[0] == raw and now - last[1] < catch_up_s:
+        return False
+    if raw is None:
+        await delete(client, settings, key)
+    else:
+        assert client.kv is not None
+        await client.kv.put(settings.prefix + key, raw, timeout=5)
+    written[key] = (raw, now)
+    return True
+
+
 def full_key(settings: EtcdSettings, key: str) -> str:
     return settings.prefix + key
 

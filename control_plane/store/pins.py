@@ -26,7 +26,7 @@ from control_plane.affinity.plan import ring_id as plan_ring_id
 from control_plane.affinity.ring import Ring
 from control_plane.config.model import Config
 from control_plane.config.pins import MAX_PINS, pins_to_json
-from control_plane.store.etcd import EtcdSettings, delete, serve_forever
+from control_plane.store.etcd import EtcdSettings, serve_forever, write_once
 from control_plane.translate.warmth import Route, pinnable
 
 log = logging.getLogger(__name__)
@@ -155,14 +155,6 @@ class PinWriter:
                 continue
             now = time.time()
             for name, raw in self.writes_due(now).items():
-                last = written.get(name)
-                if last is not None and last[0] == raw and now - last[1] < CATCH_UP_S:
-                    continue
-                key = f"pins/{name}"
-                if raw is None:
-                    await delete(client, self.settings, key)
-                else:
-                    await client.kv.put(self.settings.prefix + key, raw, timeout=5)
-                written[name] = (raw, now)
-                self.writes += 1
-                log.debug("%s%s written", self.settings.prefix, key)
+                if await write_once(client, self.settings, f"pins/{name}", raw, written, now,
+                                    CATCH_UP_S):
+                    self.writes += 1

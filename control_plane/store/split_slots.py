@@ -23,7 +23,7 @@ from etcd3aio import Etcd3Client
 
 from control_plane.config.model import Config
 from control_plane.config.splits import SLOTS, leader_table, slot_of
-from control_plane.store.etcd import EtcdSettings, delete, serve_forever
+from control_plane.store.etcd import EtcdSettings, serve_forever, write_once
 from control_plane.store.leader import LeaderElection
 
 log = logging.getLogger(__name__)
@@ -166,15 +166,10 @@ class SplitSlotsWriter:
                 if value is None and model in keys:
                     continue
                 raw = None if value is None else json.dumps(value, separators=(",", ":"))
-                last = written.get(model)
-                if last is not None and last[0] == raw and now - last[1] < CATCH_UP_S:
-                    continue
                 key = f"split-slots/{model}"
-                if raw is None:
-                    await delete(client, self.settings, key)
-                else:
-                    await client.kv.put(self.settings.prefix + key, raw, timeout=5)
-                written[model] = (raw, now)
+                if not await write_once(client, self.settings, key, raw, written, now,
+                                        CATCH_UP_S):
+                    continue
                 self.writes += 1
                 log.info("%s%s: %s", self.settings.prefix, key,
                          "deleted (its split is gone)" if raw is None else "table written")

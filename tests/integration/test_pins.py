@@ -118,24 +118,13 @@ async def pins(stack: Stack) -> dict[str, list[object]]:
 async def test_a_joining_server_moves_no_active_session(stack: Stack,
                                                         sims: list[SimHandle]) -> None:
     ports = {h.name: h.port for h in sims}
-    three = {eid: ports[eid] for eid in sorted(ports)[:3]}
     joining = sorted(ports)[3]
-    await start_pool(stack, three)
     after = expected(ports, dict.fromkeys(ports, 1)).ring
     keys = [f"chat-{n}" for n in range(SESSIONS)]
     async with aiohttp.ClientSession() as session:
-        chats = Chats(session, stack, keys)
-        # Active: every session served at least one access-log flush (1 s) before the change.
-        await async_wait_for(lambda: asyncio.sleep(0, all(len(h) >= 2 for h in
-                                                         chats.hosts.values())),
-                             30, "two turns of every session")
-        await stack.put(f"endpoints/{POOL}/{joining}",
-                        {"address": "127.0.0.1", "port": ports[joining]})
-        # The ring changes only after the pins are in force.
-        await async_wait_for(lambda: asyncio.sleep(0, len(stack.envoy.hosts(POOL)) == 4),
-                             20, "the joining server in Envoy")
-        before = {k: h[0] for k, h in chats.hosts.items()}
-        would_move = {k for k in keys if after.owner(key_hash(k)) != before[k]}
+        # Active: every session served at least one access-log flush (1 s) before the
+        # change; the ring changes only after the pins are in force.
+        chats, before, would_move = await join_with_pins(stack, session, ports, keys)
         stored = await pins(stack)
         # New sessions follow the new ring at once: fresh keys the ring gives the new host.
         fresh = [k for k in (f"new-{n}" for n in range(2000))
