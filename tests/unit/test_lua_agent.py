@@ -550,7 +550,9 @@ WHITESPACE = ["", "", " ", "\n", "\t"]
 def encode_string(text: str, rnd: random.Random) -> str:
     """A JSON string literal choosing per character between raw and escaped forms."""
     if rnd.random() < 0.3:
-        return json.dumps(text, ensure_ascii=rnd.random() < 0.5)
+        # A lone surrogate only as an escape: raw, it is not UTF-8 (the body would be invalid).
+        lone = any(0xD800 <= ord(ch) < 0xE000 for ch in text)
+        return json.dumps(text, ensure_ascii=lone or rnd.random() < 0.5)
     out = []
     for ch in text:
         cp = ord(ch)
