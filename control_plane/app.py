@@ -98,9 +98,8 @@ class Resolver:
         self._failed: set[str] = set()
 
     def due(self, config: Config, now: float) -> set[str]:
-        hosts = {
-            e.address for pool in config.endpoints.values() for e in pool.values() if not e.is_ip
-        }
+        hosts = {e.address for pool in config.endpoints.values() for e in pool.values()
+                 if not cached_is_ip(e.address)}
         return {h for h in hosts if now - self._resolved_at.get(h, -DNS_REFRESH_S) >= DNS_REFRESH_S}
 
     async def resolve(self, host: str) -> bool:
@@ -150,12 +149,15 @@ class ControlPlane:
         self._resolving: set[str] = set()
         # Real traffic from this control plane's Envoys (warmth from real traffic).
         self._addresses: dict[tuple[str, str], str] = {}  # (pool, "ip:port") -> endpoint id
+        # pool -> (its endpoints, DNS epoch, its part of _addresses) as last computed
+        self._address_parts: dict[str, tuple[Mapping[str, Endpoint], int,
+                                             dict[tuple[str, str], str]]] = {}
         self.traffic = AccessLogServicer(TrafficWindow(), self._endpoint_at)
         # Splits: the leader among control planes writes split-slots/<model>.
         identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.sessions = PeerSessions(self.traffic.window.active_sessions, len(settings.peers))
         self.split_writer = SplitSlotsWriter(settings.etcd, identity, self.state.config,
-                                             self.sessions, self._split_models)
+                                             self.sessions, self.state.split_keys)
         self._split_health: dict[str, str] = {}  # model -> what was last logged
         # Pins: the leader writes them; every control plane holds a ring change back until
         # the pins for the new ring are stored and acknowledged by every connected Envoy.
@@ -219,8 +221,6 @@ class ControlPlane:
                 self.sessions.seen(url, report)
             await asyncio.sleep(PEER_POLL_S)
 
-    def _split_models(self) -> set[str]:
-        return {key[len("splits/"):] for key in self.state.keys() if key.startswith("splits/")}
 
     def _report_splits(self) -> None:
         """One log line whenever a split becomes degraded, loses its last arm, or recovers."""
@@ -241,6 +241,23 @@ class ControlPlane:
 
     def _endpoint_at(self, pool: str, address: str) -> str | None:
         return self._addresses.get((pool, address))
+
+    def _address_index(self, config: Config) -> dict[tuple[str, str], str]:
+        """(pool, "ip:port") -> endpoint id. A pool's part is recomputed only when its
+        endpoints (config() keeps an unchanged pool's dict) or the DNS answers changed."""
+        index: dict[tuple[str, str], str] = {}
+        cache: dict[str, tuple[Mapping[str, Endpoint], int, dict[tuple[str, str], str]]] = {}
+        for pool, endpoints in config.endpoints.items():
+            known = self._address_parts.get(pool)
+            if known is not None and known[0] is endpoints and known[1] == self.dns_epoch:
+                part = known[2]
+            else:
+                part = {(pool, f"{ip}:{endpoint.port}"): eid for eid, endpoint in endpoints.items()
+                        if (ip := self._resolve(endpoint)) is not None}
+            cache[pool] = (endpoints, self.dns_epoch, part)
+            index.update(part)
+        self._address_parts = cache
+        return index
 
     def changed(self, revision: int | None = None) -> None:
         """The follower's on_change: mark dirty and wake the rebuild task; nothing more."""
@@ -299,13 +316,17 @@ class ControlPlane:
         for name, pool in config.pools.items():
             routes = self.translator.routes(name)
             published = self._rings.get(name)
-            if pool.lb != "ring_hash" or routes is None or published is None or not moves_active(
-                    published[0], ring_points(routes), pinnable(routes)):
+            if (pool.lb != "ring_hash" or routes is None or published is None
+                    or (published[1] is resources[types.CLUSTER][name]
+                        and published[2] is resources[types.ENDPOINT][name])):
                 self._held_since.pop(name, None)
-                continue
+                continue  # not translated again since it was published: no ring change
             if not self._may_have_active(name, pool.session_ttl_s):
                 self._held_since.pop(name, None)
                 continue  # nothing to keep in place: no hold
+            if not moves_active(published[0], ring_points(routes), pinnable(routes)):
+                self._held_since.pop(name, None)
+                continue
             table = config.pins.get(name)
             if table is not None and table.ring == ring_id(pool, routes):
                 acked = self._filter_acked(resources) if acked is None else acked
@@ -335,10 +356,7 @@ class ControlPlane:
             return  # never publish before the first full read of etcd
         self.rebuilds += 1
         config = self.state.config()
-        self._addresses = {
-            (pool, f"{ip}:{endpoint.port}"): eid
-            for pool, endpoints in config.endpoints.items() for eid, endpoint in endpoints.items()
-            if (ip := self._resolve(endpoint)) is not None}
+        self._addresses = self._address_index(config)
         resources = self.translator.translate(config, self._resolve, self.settings.gateway,
                                               time.time(), self.dns_epoch)
         self._report_splits()
@@ -348,8 +366,12 @@ class ControlPlane:
         for name in config.pools:
             routes = self.translator.routes(name)
             if name not in held and routes is not None:
-                self._rings[name] = (ring_points(routes), resources[types.CLUSTER][name],
-                                     resources[types.ENDPOINT][name])
+                published = self._rings.get(name)
+                if (published is None or published[1] is not resources[types.CLUSTER][name]
+                        or published[2] is not resources[types.ENDPOINT][name]):
+                    # Only a pool translated again: ~10 ms a rebuild for 10,000 endpoints.
+                    self._rings[name] = (ring_points(routes), resources[types.CLUSTER][name],
+                                         resources[types.ENDPOINT][name])
         for gone in set(self._rings) - set(config.pools):
             del self._rings[gone]
         try:

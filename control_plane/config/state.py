@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from control_plane.config.drains import Drain, parse_drain
 from control_plane.config.model import (
@@ -60,9 +61,45 @@ from control_plane.config.splits import SLOTS
 from control_plane.errors import ConfigError
 
 Parsed = Pool | Endpoint | Status | Split | SplitSlots | PinTable | Drain
+V = TypeVar("V", Endpoint, Status, Drain)
 
 SPLITS = "splits/"
 SPLIT_SLOTS = "split-slots/"
+
+
+class _PerPool(Generic[V]):
+    """pool -> id -> value, and its view for config(): one dict per pool, sorted by id,
+    rebuilt only for the pools that changed since the last view (10,000 endpoints re-sorted
+    on every change took ~25 ms a rebuild). A view's dicts are never changed afterwards."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, dict[str, V]] = {}
+        self._views: dict[str, dict[str, V]] = {}
+        self._dirty: set[str] = set()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key[1] in self._items.get(key[0], {})
+
+    def put(self, pool: str, item_id: str, value: V) -> None:
+        self._items.setdefault(pool, {})[item_id] = value
+        self._dirty.add(pool)
+
+    def pop(self, pool: str, item_id: str) -> None:
+        items = self._items.get(pool)
+        if items is not None and items.pop(item_id, None) is not None:
+            if not items:
+                del self._items[pool]
+            self._dirty.add(pool)
+
+    def view(self) -> dict[str, dict[str, V]]:
+        for pool in self._dirty:
+            items = self._items.get(pool)
+            if items:
+                self._views[pool] = dict(sorted(items.items()))
+            else:
+                self._views.pop(pool, None)
+        self._dirty.clear()
+        return dict(sorted(self._views.items()))
 
 
 @dataclass(frozen=True)
@@ -141,14 +178,19 @@ class ConfigState:
     def __init__(self) -> None:
         self._keys: dict[str, _Key] = {}
         self._pools: dict[str, Pool] = {}
-        self._endpoints: dict[tuple[str, str], Endpoint] = {}
-        self._statuses: dict[tuple[str, str], Status] = {}
+        self._endpoints: _PerPool[Endpoint] = _PerPool()
+        self._statuses: _PerPool[Status] = _PerPool()
         self._splits: dict[str, Split] = {}
         self._split_slots: dict[str, SplitSlots] = {}
         self._pins: dict[str, PinTable] = {}
-        self._drains: dict[tuple[str, str], Drain] = {}
+        self._drains: _PerPool[Drain] = _PerPool()
         self._rejected: dict[str, str] = {}
         self.revision = 0
+        # config(), built once per change: its callers (the rebuild, the leader's writers
+        # every 0.5 s) ask far more often than etcd changes, and building it sorts every
+        # endpoint (10,000 endpoints: ~25 ms a call, 20% of a core when idle).
+        self._config: Config | None = None
+        self._split_keys: set[str] = set()  # models of the splits/<model> keys (keys())
 
     @property
     def rejected(self) -> dict[str, str]:
@@ -158,6 +200,10 @@ class ConfigState:
     def keys(self) -> set[str]:
         """Every key with a value, accepted or not."""
         return set(self._keys)
+
+    def split_keys(self) -> set[str]:
+        """The model of every splits/<model> key with a value, accepted or not."""
+        return set(self._split_keys)
 
     def raw(self, key: str) -> bytes | None:
         """The latest value seen for a key, accepted or not."""
@@ -179,6 +225,7 @@ class ConfigState:
         """Apply a put (value) or a delete (None) seen at ``revision``; ``created`` is the
         key's create_revision (default: kept from the key's earlier value, else
         ``revision``). Returns the key's rejection, if any."""
+        self._config = None
         self._put(key, value, revision, created)
         if _is_split(key) and value is not None:
             self._check_arm_pools(key, live=True)
@@ -187,6 +234,7 @@ class ConfigState:
     def apply_all(self, items: Iterable[tuple[str, bytes | None, int, int | None]]) -> None:
         """Apply many (key, value, revision, created) at once (a re-list), settling the
         pools once; the outcome does not depend on the order of ``items``."""
+        self._config = None
         pools = False
         splits: list[str] = []
         for key, value, revision, created in items:
@@ -206,11 +254,14 @@ class ConfigState:
                created: int | None = None) -> Rejection:
         """Record a value refused before parsing (a key that is not valid UTF-8);
         ``message`` names the key. A later delete of ``key`` clears it."""
+        self._config = None
         self.revision = max(self.revision, revision)
         old = self._keys.get(key)
         if created is None:
             created = old.created if old is not None else revision
         self._keys[key] = _Key(raw=value, created=created, modified=revision, latest=message)
+        if _is_split(key):
+            self._split_keys.add(key[len(SPLITS):])
         self._settle(key)
         return Rejection(key=key, message=message)
 
@@ -227,6 +278,7 @@ class ConfigState:
         """Add an earlier value of ``key`` read from etcd's history (walking back from the
         latest). Returns whether still earlier values could matter: for a pool always, else
         until one that validates is found."""
+        self._config = None
         entry = self._keys.get(key)
         if entry is None:
             return False
@@ -262,6 +314,11 @@ class ConfigState:
     def _put(self, key: str, value: bytes | None, revision: int, created: int | None) -> None:
         self.revision = max(self.revision, revision)
         old = self._keys.pop(key, None)
+        if _is_split(key):
+            if value is None:
+                self._split_keys.discard(key[len(SPLITS):])
+            else:
+                self._split_keys.add(key[len(SPLITS):])
         if value is None:
             return
         if created is None:
@@ -322,8 +379,7 @@ class ConfigState:
     def _settle_one(self, key: str) -> None:
         entry = self._keys.get(key)
         parts = key.split("/")
-        table: (dict[tuple[str, str], Endpoint] | dict[tuple[str, str], Status]
-                | dict[tuple[str, str], Drain] | None) = None
+        table: _PerPool[Endpoint] | _PerPool[Status] | _PerPool[Drain] | None = None
         if len(parts) == 3 and parts[0] == "endpoints":
             table = self._endpoints
         elif len(parts) == 3 and parts[0] == "status":
@@ -347,9 +403,9 @@ class ConfigState:
             elif entry.history:
                 value = entry.history[0][1]
         if value is None:
-            table.pop((parts[1], parts[2]), None)
+            table.pop(parts[1], parts[2])
         else:
-            table[(parts[1], parts[2])] = value  # type: ignore[assignment]
+            table.put(parts[1], parts[2], value)  # type: ignore[arg-type]
 
     def _settle_slots(self, key: str, entry: _Key | None) -> None:
         model = key[len(SPLIT_SLOTS):]
@@ -442,16 +498,12 @@ class ConfigState:
         self._settle_splits()
 
     def config(self) -> Config:
-        endpoints: dict[str, dict[str, Endpoint]] = {}
-        for (pool, endpoint_id), endpoint in sorted(self._endpoints.items()):
-            endpoints.setdefault(pool, {})[endpoint_id] = endpoint
-        statuses: dict[str, dict[str, Status]] = {}
-        for (pool, endpoint_id), status in sorted(self._statuses.items()):
-            statuses.setdefault(pool, {})[endpoint_id] = status
-        drains: dict[str, dict[str, Drain]] = {}
-        for (pool, endpoint_id), drain in sorted(self._drains.items()):
-            drains.setdefault(pool, {})[endpoint_id] = drain
-        return Config(pools=dict(sorted(self._pools.items())), endpoints=endpoints,
-                      statuses=statuses, splits=dict(sorted(self._splits.items())),
+        if self._config is None:
+            self._config = self._build_config()
+        return self._config
+
+    def _build_config(self) -> Config:
+        return Config(pools=dict(sorted(self._pools.items())), endpoints=self._endpoints.view(),
+                      statuses=self._statuses.view(), splits=dict(sorted(self._splits.items())),
                       split_slots=dict(sorted(self._split_slots.items())),
-                      pins=dict(sorted(self._pins.items())), drains=drains)
+                      pins=dict(sorted(self._pins.items())), drains=self._drains.view())
