@@ -43,6 +43,11 @@ Rules:
   it then counts as warm) and served real traffic within its interval; otherwise probed.
   A skipped endpoint is due again after one interval. Cold and down endpoints are probed
   between real requests: only a probe can find them warm again.
+- Connection failures in real traffic (``tracker.connect_failed_at``: Envoy's connections
+  to it failed, and it has not answered cleanly since) seen after its last probe was sent make an
+  endpoint that is not down due at once and probed whatever else says (``Probe.cause``): a
+  dead host under traffic is down after ``fall`` failed probes, not after its interval.
+  Until it answers cleanly again, a fast traffic verdict (answers from before) is ignored.
 - A probe result is taken only for an endpoint with that probe in flight: not one removed,
   changed, released or cancelled meanwhile. The outcome (fast / slow / failed against the
   pool's ``cold_ttft_ms``) feeds the state machine; the next probe is due after an
@@ -111,6 +116,7 @@ class Probe:
     url: str
     body: Mapping[str, Any]
     timeout_s: float
+    cause: str = ""  # why it is probed out of turn (empty: it was due)
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ class Tracked:
     probing: bool = False
     source: Source = Source.PROBE  # which signal decided the state last
     traffic: TrafficSummary | None = None  # what real traffic showed, when it decided
+    probed_at: float = 0.0  # unix time its last probe was sent
 
 
 def poll_period_s(config: Config) -> float:
@@ -340,6 +347,8 @@ class Scheduler:
                             self.policy.min_traffic_samples)
             if verdict is None:
                 continue
+            if not verdict.slow and self.tracker.connect_failed_at(*key) is not None:
+                continue  # its connections fail: answers from before say nothing; probes do
             self._verdicts[key] = verdict
             before = tracked.warmth.state
             outcome = machine.Outcome.SLOW if verdict.slow else machine.Outcome.FAST
@@ -355,6 +364,10 @@ class Scheduler:
         """Release, skip or probe what is due, then the writes."""
         if not self.leader:
             return []
+        for key, candidate in self._tracked.items():
+            if (not candidate.probing and candidate.next_due > now_m
+                    and self._failing(key, candidate)):
+                candidate.next_due = now_m  # real traffic says it may be dead: probe now
         due = self._due(now_m)
         actions = self._release(now_m, now)
         for key in due:
@@ -433,13 +446,22 @@ class Scheduler:
                     actions.append(KeptWarm(key))
         return actions
 
+    def _failing(self, key: Key, tracked: Tracked) -> bool:
+        """Connections to it failed in real traffic since its last probe was sent."""
+        failed = self.tracker.connect_failed_at(*key)
+        return (failed is not None and failed > tracked.probed_at
+                and tracked.warmth.state is not WarmState.DOWN and not tracked.warmth.released)
+
     def _skip_or_probe(self, key: Key, tracked: Tracked, now_m: float, now: float) -> Action:
         pool = self._config.pools[key[0]]
         interval = pool.warmup.interval_s
         warmth = tracked.warmth
         reason = None
+        failing = self._failing(key, tracked)
         if warmth.released:
             reason = SkipReason.RELEASED
+        elif failing:
+            pass  # whatever else says: its connections fail
         elif key in self._verdicts:
             reason = SkipReason.TRAFFIC  # judged by its real traffic: no probe needed
         elif self.tracker.busy(*key):
@@ -451,9 +473,10 @@ class Scheduler:
         if reason is not None:
             tracked.next_due = now_m + interval
             return Skipped(key, reason)
-        tracked.probing = True
+        tracked.probing, tracked.probed_at = True, now
         return Probe(key, probe_url(tracked.endpoint, pool.warmup.path),
-                     warmup_body(pool, self.policy.system_prompt), pool.warmup.timeout_s)
+                     warmup_body(pool, self.policy.system_prompt), pool.warmup.timeout_s,
+                     "connection failures in real traffic" if failing else "")
 
     def _writes(self, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -464,7 +487,7 @@ class Scheduler:
                     recorded is None or tracked.written.checked_at > recorded.checked_at):
                 recorded = tracked.written  # ours, not yet seen back from the watch
             if not machine.needs_write(tracked.warmth, recorded, now, pool.warmup.interval_s,
-                                       len(self._tracked)):
+                                       len(self._tracked), tracked.source):
                 continue
             assert tracked.warmth.state is not None
             actions.append(WriteStatus(key, Status(

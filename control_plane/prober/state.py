@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from control_plane.config.model import Status, WarmState
+from control_plane.config.model import Source, Status, WarmState
 from control_plane.translate.warmth import stale_after_s
 
 SEVERITY = {WarmState.WARM: 0, WarmState.COLD: 1, WarmState.DOWN: 2}
@@ -139,12 +139,15 @@ def refresh_after_s(interval_s: float, endpoints: int = 0) -> float:
 
 
 def needs_write(warmth: Warmth, recorded: Status | None, now: float, interval_s: float,
-                endpoints: int = 0) -> bool:
-    """Whether ``status/<pool>/<id>`` must be written: a new state or an ageing record.
-    ``endpoints``: how many endpoints the prober tracks (stale_after_s)."""
+                endpoints: int = 0, source: Source | None = None) -> bool:
+    """Whether ``status/<pool>/<id>`` must be written: a new state, a new deciding signal
+    (``source``: the record says which one decided), or an ageing record. ``endpoints``:
+    how many endpoints the prober tracks (stale_after_s)."""
     if warmth.state is None:
         return False
     if recorded is None or recorded.state is not warmth.state:
+        return True
+    if source is not None and recorded.source is not source:
         return True
     return now - recorded.checked_at >= refresh_after_s(interval_s, endpoints)
 

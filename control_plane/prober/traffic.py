@@ -7,6 +7,10 @@ ever count real traffic.
 Measured on Envoy 1.40 (docs/prober.md):
 - ``rq_success`` counts answered requests; a connect failure to a dead host counts in
   ``rq_error`` and ``cx_connect_fail`` only, so a dead host never looks busy.
+- A host that refuses connections: ``cx_connect_fail`` grows (the route's retries send the
+  request elsewhere, so the access log shows only the host that answered).
+  ``connect_failed_at`` is the newest poll that saw it grow, until a poll that sees answers
+  and no failure.
 - A CDS update of a cluster (the ring size follows warmth) recreates its hosts: their
   counters restart at 0 and requests still in flight stay on the old host objects,
   invisible per host. The cluster-wide ``upstream_rq_active`` gauge keeps counting them,
@@ -39,7 +43,9 @@ def parse_cluster_active(data: Mapping[str, Any]) -> dict[str, int]:
 class _Host:
     rq_success: int
     rq_active: int
+    cx_connect_fail: int = 0
     busy: bool = False
+    connect_failed_at: float | None = None  # a poll saw failed connections, none answered
     hidden: bool = False  # was busy when its counters reset: maybe still busy, unseen
     last_traffic: float | None = None
 
@@ -65,7 +71,7 @@ class TrafficTracker:
             previous = by_source.get(source)
             if previous is None:
                 # A baseline: counts from before the prober looked say nothing about now.
-                host = _Host(counters.rq_success, counters.rq_active)
+                host = _Host(counters.rq_success, counters.rq_active, counters.cx_connect_fail)
                 if counters.rq_active > 0:
                     host.busy, host.last_traffic = True, now
                 by_source[source] = host
@@ -74,8 +80,15 @@ class TrafficTracker:
             if counters.rq_success < previous.rq_success:  # counters reset (cluster rebuilt)
                 served = counters.rq_success > 0
                 previous.hidden = previous.hidden or previous.rq_active > 0 or previous.busy
-            elif counters.rq_success > previous.rq_success:
-                served = True
+                failed = counters.cx_connect_fail
+            else:
+                served = counters.rq_success > previous.rq_success
+                failed = counters.cx_connect_fail - previous.cx_connect_fail
+            if failed > 0:  # with or without answers: a host dying mid-poll has both
+                previous.connect_failed_at = now
+            elif served:
+                previous.connect_failed_at = None
+            previous.cx_connect_fail = counters.cx_connect_fail
             previous.rq_success = counters.rq_success
             previous.rq_active = counters.rq_active
             previous.busy = counters.rq_active > 0
@@ -95,6 +108,13 @@ class TrafficTracker:
         """An Envoy is unreachable: its old counters no longer say anything."""
         for by_source in self._hosts.values():
             by_source.pop(source, None)
+
+    def connect_failed_at(self, pool: str, endpoint_id: str) -> float | None:
+        """When a poll last saw some Envoy's connections to it fail, unless that Envoy saw
+        it answer since without failing: real traffic says it may be dead."""
+        times = [h.connect_failed_at for h in self._hosts.get((pool, endpoint_id), {}).values()
+                 if h.connect_failed_at is not None]
+        return max(times) if times else None
 
     def busy(self, pool: str, endpoint_id: str) -> bool:
         return any(h.busy for h in self._hosts.get((pool, endpoint_id), {}).values())

@@ -26,6 +26,7 @@ class EnvoyHost:
     rq_active: int
     rq_total: int
     rq_success: int
+    cx_connect_fail: int = 0  # connections to it that failed (refused, timed out)
 
 
 def _health(flags: Mapping[str, Any]) -> str:
@@ -55,6 +56,7 @@ def parse_clusters(data: Mapping[str, Any]) -> list[EnvoyHost]:
                 rq_active=stats.get("rq_active", 0),
                 rq_total=stats.get("rq_total", 0),
                 rq_success=stats.get("rq_success", 0),
+                cx_connect_fail=stats.get("cx_connect_fail", 0),
             ))
     return hosts
 

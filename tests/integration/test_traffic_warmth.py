@@ -225,6 +225,41 @@ async def test_a_host_that_sends_headers_then_nothing_gets_no_new_sessions(
     assert cut > 0
 
 
+async def test_a_host_dying_under_traffic_is_down_before_its_next_probe_is_due(
+        stack: Stack, servers: dict[str, StreamingServer], prober: ProberProcess) -> None:
+    interval = 120.0  # no probe is due in the test: connection failures in traffic tell
+    await stack.put(f"pools/{POOL}", {"models": [MODEL], "hash_balance_factor": 0,
+                                      "warmup": {"interval_s": interval}})
+    async with aiohttp.ClientSession() as session:
+        traffic = Sessions(stack, session)
+        await async_wait_for(lambda: _ok(traffic.one()), 30, "the model to route")
+        arrivals = traffic.start(count=600, every_s=0.1)
+        try:
+            await async_wait_for(lambda: _judged_by_traffic(stack, "a"), 30,
+                                 "a's status from traffic")
+            await servers["a"].close()  # its port now refuses connections
+            died = time.time()
+
+            async def down() -> bool:
+                record = await status(stack, "a")
+                return record is not None and record["state"] == "down"
+            await async_wait_for(down, 30, "a down")
+            record = await status(stack, "a")
+            assert record is not None and record["checked_at"] - died < interval
+            print(f"\nkilled host marked down {record['checked_at'] - died:.1f} s after it "
+                  f"died (interval {interval:.0f} s)")
+            after = len(traffic.landed)
+            await async_wait_for(lambda: _bool(len(traffic.landed) >= after + 20), 20,
+                                 "20 new sessions after a was marked down")
+        finally:
+            arrivals.cancel()
+            await traffic.drain()
+    assert "a" not in [server for _, server in traffic.landed[after:]]
+    # Requests to a were retried on the ring: none failed.
+    assert not traffic.failed, traffic.failed
+    assert "probed now: connection failures in real traffic" in prober.log.read_text()
+
+
 async def test_long_prompts_on_a_healthy_host_keep_it_warm(
         stack: Stack, servers: dict[str, StreamingServer], prober: ProberProcess) -> None:
     for server in servers.values():
@@ -250,6 +285,11 @@ async def _ok(reply: Any) -> bool:
 
 async def _bool(value: bool) -> bool:
     return value
+
+
+async def _judged_by_traffic(stack: Stack, endpoint: str) -> bool:
+    record = await status(stack, endpoint)
+    return record is not None and record.get("source") == "traffic"
 
 
 async def test_steady_real_traffic_means_no_probes_and_source_traffic(
@@ -300,6 +340,10 @@ async def test_two_replicas_count_both_envoys_and_survive_the_leader(
                 await async_wait_for(lambda: _bool(all("c" in f.since(0) for f in flows)),
                                      20, "sessions on c through both Envoys")
                 leader = await _leader(probers)
+                # Mid-test: once the leader has judged c from its traffic (the record a new
+                # leader carries on from; killed before it, a new leader has no state for c).
+                await async_wait_for(lambda: _judged_by_traffic(stack, "c"), 30,
+                                     "c's status from traffic")
                 leader.stop(signal.SIGKILL)  # the leader dies mid-test
                 servers["c"].first_token_s = 8.0
                 await async_wait_for(lambda: _bool(envoy_health(stack, "c") != "healthy"

@@ -73,6 +73,7 @@ class Driver:
         self.endpoints = {eid: endpoint(eid) for eid in ids}
         self.statuses: dict[str, Status] = {}
         self.counters: dict[str, tuple[int, int]] = {}  # id -> (rq_success, rq_active)
+        self.connect_failures: dict[str, int] = {}  # id -> cx_connect_fail
         self.ttft: dict[str, float | None] = dict.fromkeys(ids, FAST)
         self.hanging: set[str] = set()
 
@@ -107,7 +108,8 @@ class Driver:
         return actions
 
     def read_traffic(self) -> None:
-        hosts = [EnvoyHost(P, eid, "10.0.0.1", 8000, "healthy", 1, active, 0, success)
+        hosts = [EnvoyHost(P, eid, "10.0.0.1", 8000, "healthy", 1, active, 0, success,
+                           self.connect_failures.get(eid, 0))
                  for eid, (success, active) in self.counters.items()]
         self.tracker.observe("envoy", self.now, hosts)
         self.scheduler.traffic_read(self.t)
@@ -116,6 +118,11 @@ class Driver:
         """Real traffic through Envoy: counters grow (read on the next traffic read)."""
         success, _ = self.counters.get(eid, (0, 0))
         self.counters[eid] = (success + requests, active)
+
+    def refuse(self, eid: str, connections: int = 1) -> None:
+        """Envoy's connections to ``eid`` fail (its requests are retried elsewhere)."""
+        self.connect_failures[eid] = self.connect_failures.get(eid, 0) + connections
+        self.counters.setdefault(eid, (0, 0))
 
     def answer(self, eid: str, ttft_ms: float | None) -> Probed | None:
         return self.scheduler.probe_done((P, eid), ttft_ms, self.t)
@@ -375,6 +382,37 @@ def test_a_busy_endpoint_is_skipped_whatever_its_state() -> None:
     assert d.scheduler.tracked[A].next_due > d.t
     d.serve("a", 1, active=0)  # done: a down host is probed again
     assert Probe in kinds(d.run(INTERVAL))
+
+
+def test_connection_failures_in_traffic_probe_at_once_and_a_dead_host_goes_down() -> None:
+    d = Driver("a", "b", interval=10.0)
+    d.run(1.5)  # each probed once (jitter <= 1 s): warm
+    assert d.state("a") is d.state("b") is WarmState.WARM
+    d.serve("a", 0)
+    d.read_traffic()  # Envoy's first read is a baseline
+    d.serve("a", 5)
+    d.step(0.5)
+    # a dies while serving: a probe is not due for an interval, its traffic keeps it skipped.
+    d.ttft["a"] = None
+    actions: list[Out] = []
+    for _ in range(80):  # 4 s of traffic whose connections to a fail (interval: 10 s)
+        d.refuse("a", 2)
+        actions += d.step(0.05)
+    probes = of(actions, Probe, A)
+    assert 2 <= len(probes) and all(p.cause for p in probes)
+    assert d.state("a") is WarmState.DOWN
+    assert of(actions, Probe, B) == []  # b is left alone
+
+
+def test_connection_failures_seen_once_probe_once() -> None:
+    d = Driver("a", interval=10.0)
+    warm_up(d, "a")
+    d.serve("a", 0)
+    d.read_traffic()
+    d.refuse("a")
+    actions = d.run(3.0)  # a read every 2 s
+    assert len(of(actions, Probe, A)) == 1  # the failure seen once: one probe out of turn
+    assert d.state("a") is WarmState.WARM  # it answered: a failed connection was transient
 
 
 def test_counters_are_read_fresh_before_a_probe_else_every_poll_period() -> None:

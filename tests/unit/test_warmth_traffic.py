@@ -39,6 +39,25 @@ def hc(host: str, success: int, active: int = 0, cluster: str = "p") -> EnvoyHos
     return EnvoyHost(cluster, host, "", 0, "healthy", 1, active, 0, success)
 
 
+def test_connection_failures_are_seen_until_it_answers_without_one() -> None:
+    t = TrafficTracker()
+
+    def failed(n: int, success: int) -> EnvoyHost:
+        return EnvoyHost("p", "a", "", 0, "healthy", 1, 0, 0, success, n)
+
+    t.observe("e", 100.0, [failed(3, 5)])  # a baseline: failures before we looked
+    assert t.connect_failed_at("p", "a") is None
+    t.observe("e", 101.0, [failed(4, 9)])  # answers and a failure: it may be dying
+    assert t.connect_failed_at("p", "a") == 101.0
+    t.observe("e", 102.0, [failed(4, 9)])  # nothing new
+    assert t.connect_failed_at("p", "a") == 101.0
+    t.observe("f", 102.5, [failed(1, 0)])  # another Envoy's baseline changes nothing
+    t.observe("e", 103.0, [failed(4, 12)])  # answers, no failure: cleared for this Envoy
+    assert t.connect_failed_at("p", "a") is None
+    t.observe("f", 104.0, [failed(2, 0)])
+    assert t.connect_failed_at("p", "a") == 104.0
+
+
 def test_first_poll_is_a_baseline() -> None:
     t = TrafficTracker()
     t.observe("e", 100.0, [hc("a", 50), hc("b", 3, active=1)])
