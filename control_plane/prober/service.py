@@ -63,8 +63,8 @@ DEFAULT_METRICS = "127.0.0.1:9102"
 DEFAULT_IDLE_HORIZON_S = 600.0
 DEFAULT_LEADER_TTL_S = 10
 ADMIN_TIMEOUT_S = 2.0
-DROPPED_STAT = "access_logs.grpc_access_log.logs_dropped"
-ACTIVE_FILTER = quote(r"\.upstream_rq_active$|^access_logs\.grpc_access_log\.logs_dropped$")
+DROPPED_STAT = "access_logs.open_telemetry_access_log.logs_dropped"
+ACTIVE_FILTER = quote(r"\.upstream_rq_active$|^" + DROPPED_STAT.replace(".", r"\.") + "$")
 
 
 def default_identity() -> str:
@@ -278,6 +278,8 @@ class Prober:
             if not self.leader or self.scheduler.term != term:
                 return
             if isinstance(action, Probe):
+                if action.cause:
+                    log.info("%s/%s: probed now: %s", *action.key, action.cause)
                 self._probes[action.key] = asyncio.create_task(
                     self._probe(action), name=f"probe {action.key[0]}/{action.key[1]}")
             elif isinstance(action, CancelProbe):

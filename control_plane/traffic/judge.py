@@ -18,9 +18,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from control_plane.traffic.window import EndpointTraffic, Sample
+from control_plane.traffic.window import LOW_RATE_SAMPLES, EndpointTraffic, Sample
 
-DEFAULT_MIN_SAMPLES = 4
+# The window keeps this many samples of a low-rate endpoint past its length (window.py).
+DEFAULT_MIN_SAMPLES = LOW_RATE_SAMPLES
 # Prefill a healthy server needs per KiB of request body: ~200-250 tokens per KiB of English
 # chat JSON (205 measured with SmolLM2's tokenizer), and 5,000+ prompt tokens/s on a GPU for
 # 8B-class models. Raise it for CPU servers: llama.cpp with SmolLM2-135M Q4 on one CPU thread

@@ -1,40 +1,66 @@
-"""The gRPC access-log service the control plane serves to its Envoys (the IO shell).
+"""The access-log receiver the control plane serves to its Envoys (the IO shell).
 
-Envoy streams an entry per request (and per flush interval while it is in flight) to the
-control plane it gets its config from, on the same port as ADS (translate/listeners.py
-configures it). Each entry becomes an observation in the ``TrafficWindow``; the prober reads
-the windows of every control plane (``/traffic``), so each Envoy counts once. A broken
-stream never disturbs a request: Envoy drops entries it cannot send (its
-``access_logs.grpc_access_log.logs_dropped`` counter) and reconnects.
+Each Envoy exports a record per request (and per flush interval while it is in flight) to
+the control plane it gets its config from, on the same port as ADS: OpenTelemetry's
+``LogsService/Export``, a unary call per flush (translate/listeners.py configures it). Each
+record becomes an observation in the ``TrafficWindow``; the prober reads the windows of
+every control plane (``/traffic``), so each Envoy counts once. A failed export never
+disturbs a request: Envoy drops the records it cannot send (its
+``access_logs.open_telemetry_access_log.logs_dropped`` counter) and tries again at the next
+flush.
+
+The window's coverage (how much of it some Envoy was reporting): an Envoy counts from its
+first export until ``SILENT_S`` after its last; it exports only when it has records, so an
+idle Envoy stops counting, and its absence is reported as no data, never as no traffic.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
-from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.logs.v1 import logs_pb2
 
 from control_plane.runtime.metrics import Family, Histogram
 from control_plane.traffic.entries import Observation, observe
-from control_plane.traffic.window import TrafficWindow
+from control_plane.traffic.window import DEFAULT_WINDOW_S, TrafficWindow
 
 log = logging.getLogger(__name__)
 
 Resolve = Callable[[str, str], str | None]  # (pool, "ip:port") -> endpoint id
+SERVICE = "opentelemetry.proto.collector.logs.v1.LogsService"
+# The resource attribute Envoy's logger sets to its node id (a built-in label).
+NODE_ATTRIBUTE = "node_name"
+# An Envoy silent this long no longer covers the window (it exports every flush, 1 s, while
+# it has records): one window.
+SILENT_S = DEFAULT_WINDOW_S
+# The OTLP copy in xds-protos predates the rename of instrumentation_library_logs / logs to
+# scope_logs / log_records (same field numbers, so the same bytes on the wire).
+_FIELDS = logs_pb2.ResourceLogs.DESCRIPTOR.fields_by_name
+SCOPE_LOGS = "scope_logs" if "scope_logs" in _FIELDS else "instrumentation_library_logs"
+LOG_RECORDS = ("log_records" if SCOPE_LOGS == "scope_logs" else "logs")
 
 
-class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+def node_of(resource_logs: Any) -> str:
+    for attribute in resource_logs.resource.attributes:
+        if attribute.key == NODE_ATTRIBUTE:
+            return str(attribute.value.string_value) or "?"
+    return "?"
+
+
+class AccessLogServicer:
     def __init__(self, window: TrafficWindow, resolve: Resolve,
                  clock: Callable[[], float] = time.time) -> None:
         self.window = window
         self.resolve = resolve
         self.clock = clock
+        self._reporting: dict[str, float] = {}  # Envoy node -> its last export
         self.entries = Family("hotpath_traffic_entries_total", "counter",
-                              "access-log entries received, by Envoy", ("envoy",))
+                              "access-log records received, by Envoy", ("envoy",))
         self.requests = Family("hotpath_traffic_requests_total", "counter",
                                "requests that ended, by endpoint", ("pool", "endpoint"))
         self.abandoned = Family("hotpath_traffic_abandoned_total", "counter",
@@ -55,28 +81,39 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                                     "and arm", ("model", "arm", "pool"))
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self, server)
+        handler = grpc.unary_unary_rpc_method_handler(
+            self.Export,
+            request_deserializer=logs_service_pb2.ExportLogsServiceRequest.FromString,
+            response_serializer=logs_service_pb2.ExportLogsServiceResponse.SerializeToString)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Export": handler}),))
 
     def families(self) -> list[Family]:
         return [self.entries, self.requests, self.abandoned, self.ttft, self.split_requests,
                 self.split_errors, self.split_ttft]
 
-    async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
-        self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+    async def Export(  # noqa: N802 (gRPC method name)
+        self, request: logs_service_pb2.ExportLogsServiceRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> als_pb2.StreamAccessLogsResponse:
-        node = "?"
-        self.window.connected(self.clock())
-        try:
-            async for message in request_iterator:
-                if message.HasField("identifier"):  # the first message of a stream
-                    node = message.identifier.node.id or node
-                    log.info("access-log stream from envoy %s", node)
-                now = self.clock()
-                entries = message.http_logs.log_entry
-                self.entries.inc(node, by=len(entries))
-                for entry in entries:
-                    obs = observe(node, entry)
+    ) -> logs_service_pb2.ExportLogsServiceResponse:
+        self.receive(request)
+        return logs_service_pb2.ExportLogsServiceResponse()
+
+    def receive(self, request: logs_service_pb2.ExportLogsServiceRequest) -> None:
+        """One export: every record into the window and the counters."""
+        now = self.clock()
+        self.expire(now)
+        for resource_logs in request.resource_logs:
+            node = node_of(resource_logs)
+            if node not in self._reporting:
+                self.window.connected(now)
+                log.info("access-log records from envoy %s", node)
+            self._reporting[node] = now
+            count = 0
+            for scope_logs in getattr(resource_logs, SCOPE_LOGS):
+                for record in getattr(scope_logs, LOG_RECORDS):
+                    count += 1
+                    obs = observe(node, record.body.string_value)
                     if obs is None:
                         continue
                     self.window.observe(obs, now)
@@ -85,9 +122,15 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
                                     obs.first_byte_ms is None and not obs.upstream_failure)
                         if obs.split is not None:
                             self._count_split(obs)
-        finally:
-            self.window.disconnected(self.clock())
-        return als_pb2.StreamAccessLogsResponse()
+            self.entries.inc(node, by=count)
+
+    def expire(self, now: float) -> None:
+        """Envoys silent for SILENT_S stop covering the window."""
+        for node, last in list(self._reporting.items()):
+            if now - last > SILENT_S:
+                del self._reporting[node]
+                self.window.disconnected(last + SILENT_S)
+                log.info("access-log records from envoy %s: none for %.0f s", node, SILENT_S)
 
     def _count(self, pool: str, address: str, first_byte_ms: float | None,
                abandoned: bool) -> None:
@@ -113,6 +156,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         ``requests_total`` counts since this control plane started, across cluster updates
         (Envoy's own per-host counters restart when a cluster is re-created)."""
         now = self.clock()
+        self.expire(now)
         endpoints = []
         for (pool, address), traffic in sorted(self.window.summary(now).items()):
             endpoints.append({

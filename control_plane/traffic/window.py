@@ -6,6 +6,11 @@ upstream address), what the prober needs to judge warmth:
 - ``samples``: time to first token of each request that got its first body byte within the
   window, plus, for each request still waiting for it, its age so far: a hung request is the
   slowest sample of all, not a missing one. Each sample carries the request's body size.
+- Low rates: an endpoint still serving (a request ended within the window or in flight)
+  keeps its last ``LOW_RATE_SAMPLES`` ended requests as samples for up to
+  ``LOW_RATE_HORIZON_S``, so one serving a request every 5-15 s still has enough samples
+  for a verdict (and, when it turns slow, is judged slow: it is never idle enough to be
+  probed). An endpoint with nothing within the window keeps nothing: probes decide.
 - ``requests``, ``rps``: requests that ended within the window.
 - ``abandoned``: requests that ended without a first byte and without an upstream failure
   (the client gave up or the idle timeout fired); each is also a sample of its duration, a
@@ -39,6 +44,10 @@ STALE_FLIGHT_S = 5.0
 # endpoints, 512 samples each made /traffic 920 KiB and 0.78 s of CPU to build; 128 keeps a
 # p90 of the last 128 requests per endpoint.
 MAX_SAMPLES = 128
+# Kept past the window for low-rate endpoints: the judge's minimum sample count (judge.py), up
+# to this age. At one request every 15 s the last 4 span 45-60 s.
+LOW_RATE_SAMPLES = 4
+LOW_RATE_HORIZON_S = 60.0
 # Session hashes remembered per pool (splits' active sessions): ~100 bytes each.
 MAX_ACTIVE_SESSIONS = 100_000
 
@@ -152,9 +161,14 @@ class TrafficWindow:
     def _expire(self, now: float) -> None:
         for stream in [s for s, f in self._flights.items() if now - f.seen_at > STALE_FLIGHT_S]:
             del self._flights[stream]
+        flying = {flight.endpoint for flight in self._flights.values()}
         for endpoint in list(self._ended):
             ended = self._ended[endpoint]
-            while ended and now - ended[0].at > self.window_s:
+            horizon = self.window_s
+            if endpoint in flying or now - ended[-1].at <= self.window_s:
+                horizon = max(self.window_s, LOW_RATE_HORIZON_S)  # still serving
+            while ended and (now - ended[0].at > horizon or (
+                    now - ended[0].at > self.window_s and len(ended) > LOW_RATE_SAMPLES)):
                 ended.popleft()
             if not ended:
                 del self._ended[endpoint]
@@ -178,9 +192,10 @@ class TrafficWindow:
             mine = samples.get(endpoint, [])
             requests = abandoned = failures = 0
             for item in ended:
-                requests += 1
-                abandoned += item.abandoned
-                failures += item.failure
+                if now - item.at <= self.window_s:  # else a low-rate sample only
+                    requests += 1
+                    abandoned += item.abandoned
+                    failures += item.failure
                 if item.first_byte_ms is not None:
                     mine.append(Sample(item.first_byte_ms, item.request_bytes))
                 elif item.abandoned:  # waited this long for a first byte that never came

@@ -28,14 +28,15 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as accesslog_data_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as als_config_pb2
+from envoy.extensions.access_loggers.open_telemetry.v3 import logs_service_pb2 as otel_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.type.tracing.v3 import custom_tag_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
+from opentelemetry.proto.common.v1 import common_pb2 as otel_common_pb2
 
 from control_plane import contract
 from control_plane.config import limits
@@ -141,7 +142,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 # The access-log stream (measured: see _access_logs). An entry reaches the control plane
 # within ACCESS_LOG_FLUSH_S (buffer_flush_interval), or sooner when the worker's buffer fills.
 ACCESS_LOG_FLUSH_S = 1.0
-ACCESS_LOG_BUFFER_BYTES = 16384  # buffer_size_bytes of each worker's logger (~33 entries)
+ACCESS_LOG_BUFFER_BYTES = 16384  # buffer_size_bytes of each worker's logger (~100 records)
 # access_log_flush_interval: an entry per request in flight, this often (None: none). Only
 # with the stream: the file log takes ended requests only, and the timer costs every request.
 PERIODIC_ENTRY_S: float | None = 1.0
@@ -150,24 +151,19 @@ PERIODIC_ENTRY_S: float | None = 1.0
 def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
                  ) -> list[accesslog_pb2.AccessLog]:
     """The file log (one line per request that ended) and, unless turned off, the stream of
-    every request's timings to the control plane, periodic entries of requests in flight
+    every request's timings to the control plane, periodic records of requests in flight
     included.
 
-    What an entry costs Envoy 1.40 (benchmarks/traffic_stream.py, figures and commands in
-    docs/prober.md: stacks loaded at once, tiny non-streamed requests, 2 workers): CPU per
-    request +12.5 % with the stream (+11.3 .. +12.4 % in three more runs); by ``--callgrind``
-    +35-40 k instructions per request on 303-317 k. That is the entry itself: ~54 more
-    allocations and frees (~11 k; ~25 sub-messages, strings and map nodes), building,
-    sizing, serializing and freeing it; built but never sent, CPU was the same (+12.6 %).
-    Every knob stays within a run's spread (Envoys of one config differ by ~3-5 k): no custom
-    tag -4.6 k (CPU +10.4 vs +11.8 %), both values in one tag -1.6 k (+11.7 %), no periodic
-    timer -6.1 k (+10.2 %), buffer 8 KiB +13.0 vs +12.4 %, 64 KiB -4.2 k (CPU +14.1 %), 1 s vs
-    0.25 s flush +11.3 vs +11.9 %; one gRPC message per entry is worse (+9 k, CPU +22.5 %).
-    Dynamic metadata is copied whole (no option picks keys) but holds only the Lua filter's
-    2-4 keys; no filter state is logged. So the shipped config is kept: entries are never
-    sampled and every field the consumers read stays (traffic/entries.py). Measured earlier
-    (one worker): no log 103 us, gRPC log 120 us, with the first-body-byte tag 121.5 us,
-    with the 1 s periodic flush 125 us (a Lua body hook: 157 us)."""
+    The stream is Envoy's OpenTelemetry access logger with one formatted line as the record
+    body (traffic/entries.py). What it costs Envoy 1.40 (benchmarks/traffic_stream.py,
+    figures in docs/prober.md: stacks loaded at once, tiny non-streamed requests, 2
+    workers): CPU per request +4.5 % (rounds +3.4 .. +5.3 %), where the gRPC HTTP access
+    logger cost +15.7 % in the same run (+10.4 .. +12.6 % in earlier ones): it builds a full
+    HTTPAccessLogEntry per request (~54 allocations, ~35 k instructions), whatever its
+    config; no custom tag, buffer size (8 KiB - 1 MiB) or flush interval (0.25 - 2 s)
+    changed that by more than a run's spread, and a message per entry was worse (+22.5 %).
+    The logger sends one unary Export per flush interval or full buffer, to the xDS cluster
+    (the control plane's port). Entries are never sampled."""
     ended_only = accesslog_pb2.AccessLogFilter(log_type_filter=accesslog_pb2.LogTypeFilter(
         types=[accesslog_data_pb2.AccessLogType.DownstreamEnd]))
     logs = [accesslog_pb2.AccessLog(
@@ -177,7 +173,7 @@ def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
             log_format=substitution_format_string_pb2.SubstitutionFormatString(
                 json_format=file_format))))]
     if settings.traffic_stream:
-        stream = als_config_pb2.HttpGrpcAccessLogConfig(
+        stream = otel_pb2.OpenTelemetryAccessLogConfig(
             common_config=als_config_pb2.CommonGrpcAccessLogConfig(
                 log_name=contract.ACCESS_LOG_NAME,
                 transport_api_version=config_source_pb2.V3,
@@ -186,10 +182,9 @@ def _access_logs(settings: GatewaySettings, file_format: struct_pb2.Struct
                         cluster_name=contract.XDS_CLUSTER)),
                 buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_S),
                 buffer_size_bytes=wrappers_pb2.UInt32Value(value=ACCESS_LOG_BUFFER_BYTES),
-                custom_tags=[custom_tag_pb2.CustomTag(tag=tag, value=value)
-                             for tag, value in entries.CUSTOM_TAGS],
-            ))
-        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc",
+            ),
+            body=otel_common_pb2.AnyValue(string_value=entries.BODY_FORMAT))
+        logs.append(accesslog_pb2.AccessLog(name="envoy.access_loggers.open_telemetry",
                                             typed_config=_any(stream)))
     return logs
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from envoy.data.accesslog.v3 import accesslog_pb2
-from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.access_loggers.open_telemetry.v3 import logs_service_pb2 as otel_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
 from control_plane.config.model import (
     Config,
@@ -25,9 +25,17 @@ from control_plane.config.model import (
 )
 from control_plane.prober import scheduler as sched
 from control_plane.prober.service import traffic_report
-from control_plane.traffic.entries import CUSTOM_TAGS, TAG_ELAPSED_MS, TAG_FIRST_BODY_MS, observe
+from control_plane.traffic.entries import BODY_FORMAT, FIELDS, SEPARATOR, observe
 from control_plane.traffic.judge import judge, merge, percentile
-from control_plane.traffic.window import STALE_FLIGHT_S, EndpointTraffic, Sample, TrafficWindow
+from control_plane.traffic.service import LOG_RECORDS, SCOPE_LOGS, SILENT_S, AccessLogServicer
+from control_plane.traffic.window import (
+    LOW_RATE_HORIZON_S,
+    LOW_RATE_SAMPLES,
+    STALE_FLIGHT_S,
+    EndpointTraffic,
+    Sample,
+    TrafficWindow,
+)
 from control_plane.translate.listeners import (
     ACCESS_LOG_BUFFER_BYTES,
     ACCESS_LOG_FLUSH_S,
@@ -40,25 +48,19 @@ NOW = 1_700_000_000.0
 def entry(stream: str = "1", first_byte_ms: float | None = 120.0, elapsed_ms: float = 500.0,
           final: bool = True, body: int = 2048, cluster: str = "chat",
           address: str = "10.0.0.1", port: int = 8000, failure: bool = False,
-          session_hash: str | None = "h-0011223344556677") -> accesslog_pb2.HTTPAccessLogEntry:
-    message = accesslog_pb2.HTTPAccessLogEntry()
-    common = message.common_properties
-    common.upstream_cluster = cluster
-    if address:
-        common.upstream_remote_address.socket_address.address = address
-        common.upstream_remote_address.socket_address.port_value = port
-    common.stream_id = stream
-    common.intermediate_log_entry = not final
-    if first_byte_ms is not None:
-        common.custom_tags[TAG_FIRST_BODY_MS] = str(first_byte_ms)
-    common.custom_tags[TAG_ELAPSED_MS] = str(elapsed_ms)
-    common.response_flags.upstream_connection_failure = failure
-    if session_hash is not None:
-        common.metadata.filter_metadata["envoy.filters.http.lua"].update(
-            {"session_hash": session_hash})
-    message.request.request_body_bytes = body
-    message.response.response_code.value = 200
-    return message
+          session_hash: str | None = "h-0011223344556677", status: int = 200,
+          ring_hash: str | None = None, split: tuple[str, str] | None = None) -> str:
+    """A record body as Envoy formats BODY_FORMAT (absent values: "-")."""
+    values = {
+        "pool": cluster or "-", "host": f"{address}:{port}" if address else "-",
+        "stream": stream, "type": "DownstreamEnd" if final else "DownstreamPeriodic",
+        "first_body_ms": "-" if first_byte_ms is None else f"{first_byte_ms:g}",
+        "elapsed_ms": f"{elapsed_ms:g}", "request_bytes": str(body), "status": str(status),
+        "flags": "UF,URX" if failure else "-", "session_hash": session_hash or "-",
+        "ring_hash": ring_hash or "-", "split_arm": split[1] if split else "-",
+        "split_model": split[0] if split else "-",
+    }
+    return SEPARATOR.join(values[name] for name, _ in FIELDS)
 
 
 def test_an_entry_becomes_an_observation() -> None:
@@ -76,7 +78,7 @@ def test_entries_no_upstream_served_are_not_observations() -> None:
     assert observe("e", entry(address="")) is None
 
 
-def feed(window: TrafficWindow, *entries: accesslog_pb2.HTTPAccessLogEntry,
+def feed(window: TrafficWindow, *entries: str,
          at: float = NOW) -> None:
     for item in entries:
         obs = observe("envoy-1", item)
@@ -128,6 +130,34 @@ def test_old_requests_leave_the_window_and_silent_flights_are_dropped() -> None:
     feed(window, entry("1", 100), entry("2", None, 500, final=False))
     assert one(window, NOW + 9).requests == 1
     assert window.summary(NOW + STALE_FLIGHT_S + 6) == {}
+
+
+def test_a_low_rate_endpoint_keeps_its_last_samples_while_it_serves() -> None:
+    window = TrafficWindow(window_s=10)
+    window.connected(NOW - 100)
+    # A request every 12 s, each slow: one per window, never enough for a verdict alone.
+    for n, at in enumerate((NOW - 80, NOW - 48, NOW - 36, NOW - 24, NOW - 12, NOW)):
+        feed(window, entry(str(n), 8000), at=at)
+    traffic = one(window, NOW + 1)
+    assert traffic.requests == 1  # the rate is the window's
+    # The last LOW_RATE_SAMPLES within LOW_RATE_HORIZON_S stay samples: NOW - 80 is too old.
+    assert len(traffic.samples) == LOW_RATE_SAMPLES == 4
+    verdict = judge(traffic, cold_ttft_ms=1000, prefill_ms_per_kib=0)
+    assert verdict is not None and verdict.slow
+    # Nothing within the window and nothing in flight: idle, the probes decide.
+    assert window.summary(NOW + 11) == {}
+
+
+def test_a_low_rate_endpoint_with_a_request_in_flight_keeps_its_samples() -> None:
+    window = TrafficWindow(window_s=10)
+    window.connected(NOW - 100)
+    feed(window, entry("1", 100), at=NOW - 30)
+    feed(window, entry("2", None, 500, final=False), at=NOW - 1)
+    traffic = one(window, NOW)
+    assert sorted((s.ttft_ms, s.waiting) for s in traffic.samples) == [(100, False),
+                                                                       (1500, True)]
+    assert traffic.requests == 0
+    assert LOW_RATE_HORIZON_S >= 30
 
 
 def test_a_window_without_a_stream_says_it_has_no_data() -> None:
@@ -255,27 +285,28 @@ def test_without_enough_traffic_probes_decide_again() -> None:
 
 
 def _stream_config(settings: GatewaySettings) -> tuple[hcm_pb2.HttpConnectionManager,
-                                                       als_pb2.HttpGrpcAccessLogConfig | None]:
+                                                       otel_pb2.OpenTelemetryAccessLogConfig
+                                                       | None]:
     hcm = hcm_pb2.HttpConnectionManager()
     assert build_listener(settings).filter_chains[0].filters[0].typed_config.Unpack(hcm)
     for log in hcm.access_log:
-        if log.name == "envoy.access_loggers.http_grpc":
-            stream = als_pb2.HttpGrpcAccessLogConfig()
+        if log.name == "envoy.access_loggers.open_telemetry":
+            stream = otel_pb2.OpenTelemetryAccessLogConfig()
             assert log.typed_config.Unpack(stream)
-            assert not log.HasField("filter")  # every entry: never sampled
+            assert not log.HasField("filter")  # every request: never sampled
             return hcm, stream
     return hcm, None
 
 
-def test_the_stream_carries_the_tags_entries_reads_and_batches_16_kib() -> None:
+def test_the_stream_formats_what_entries_reads_and_batches_16_kib() -> None:
     hcm, stream = _stream_config(GatewaySettings())
     assert stream is not None
+    assert stream.body.string_value == BODY_FORMAT
+    assert BODY_FORMAT.count("%") == 2 * len(FIELDS)  # one operator per field
+    assert not stream.disable_builtin_labels  # node_name: which Envoy sent it
     common = stream.common_config
-    assert [(t.tag, t.value) for t in common.custom_tags] == list(CUSTOM_TAGS)
-    assert {t.tag for t in common.custom_tags} == {TAG_FIRST_BODY_MS, TAG_ELAPSED_MS}
     assert common.buffer_size_bytes.value == ACCESS_LOG_BUFFER_BYTES == 16384
     assert common.buffer_flush_interval.ToMilliseconds() == ACCESS_LOG_FLUSH_S * 1000
-    assert not common.filter_state_objects_to_log  # none is read
     assert hcm.access_log_options.access_log_flush_interval.ToMilliseconds() == 1000
 
 
@@ -287,12 +318,58 @@ def test_without_the_stream_no_logger_and_no_periodic_entries() -> None:
 
 
 def test_an_entry_as_envoy_sends_it_gives_every_field_the_consumers_need() -> None:
-    message = entry(first_byte_ms=None, elapsed_ms=1000.0, final=False)
-    message.common_properties.metadata.filter_metadata["envoy.filters.http.lua"].update(
-        {"ring_hash": "7c2bab23758a2d02", "split_model": "m", "split_arm": "1"})
-    message.response.response_code.value = 0
-    obs = observe("envoy-1", message)
+    obs = observe("envoy-1", entry(first_byte_ms=None, elapsed_ms=1000.0, final=False,
+                                   status=0, ring_hash="7c2bab23758a2d02", split=("m x", "1")))
     assert obs is not None and not obs.final and obs.first_byte_ms is None
     assert (obs.elapsed_ms, obs.status, obs.request_bytes) == (1000.0, 0, 2048)
-    assert obs.ring_hash == 0x7C2BAB23758A2D02 and obs.split == ("m", "1")
+    assert obs.ring_hash == 0x7C2BAB23758A2D02 and obs.split == ("m x", "1")
     assert obs.session_hash == "h-0011223344556677" and obs.address == "10.0.0.1:8000"
+
+
+def test_records_that_are_not_ours_or_malformed_are_not_observations() -> None:
+    assert observe("e", "") is None
+    assert observe("e", "some other logger's line") is None
+    assert observe("e", entry() + SEPARATOR) is None  # a field too many
+    obs = observe("e", entry().replace("2048", "not-a-number"))
+    assert obs is not None and obs.request_bytes == 0  # an unreadable number is absent
+    quoted = observe("e", entry().replace("h-0011223344556677", '"h-0011223344556677"'))
+    assert quoted is not None and quoted.session_hash == "h-0011223344556677"
+
+
+
+
+# --- the receiver (traffic/service.py) fed exports without gRPC ---------------------------
+
+
+def export(node: str, *bodies: str) -> logs_service_pb2.ExportLogsServiceRequest:
+    """An export as Envoy's OpenTelemetry logger sends it: node_name among the resource
+    attributes (its built-in labels), the records under one scope."""
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    resource_logs = request.resource_logs.add()
+    for key, value in (("log_name", "hotpath"), ("node_name", node)):
+        resource_logs.resource.attributes.add(key=key).value.string_value = value
+    scope = getattr(resource_logs, SCOPE_LOGS).add()
+    for body in bodies:
+        getattr(scope, LOG_RECORDS).add().body.string_value = body
+    return request
+
+
+def test_the_receiver_counts_each_envoy_and_its_silence_is_no_data() -> None:
+    clock = [NOW]
+    servicer = AccessLogServicer(TrafficWindow(window_s=10), lambda pool, address: "gpu-1",
+                                 clock=lambda: clock[0])
+    servicer.receive(export("envoy-a", entry("1", 100), entry("2", None, 300, final=False)))
+    servicer.receive(export("envoy-b", entry("1", 200), "not a record of ours"))
+    assert servicer.entries.values == {(("envoy", "envoy-a"),): 2, (("envoy", "envoy-b"),): 2}
+    clock[0] = NOW + 4
+    report = servicer.report()
+    [endpoint] = report["endpoints"]
+    # Same stream id from two Envoys: two requests; the one in flight is a waiting sample.
+    assert (endpoint["endpoint"], endpoint["requests"], endpoint["covered_s"]) == ("gpu-1", 2, 4)
+    assert sorted(s[0] for s in endpoint["samples"]) == [100, 200, 4300]
+    clock[0] = NOW + 10 + SILENT_S  # every Envoy silent: the window has no data
+    assert servicer.report()["endpoints"] == []
+    servicer.receive(export("envoy-a", entry("3", 150)))
+    clock[0] += 2
+    [endpoint] = servicer.report()["endpoints"]
+    assert endpoint["covered_s"] == 2 and endpoint["requests"] == 1
