@@ -11,7 +11,10 @@ PATH, else a tiny aiohttp server: the table says which):
 - empty Lua: the same, plus a Lua filter whose envoy_on_request does nothing;
 - hotpath: etcd + control plane + Envoy (ADS, the ECDS Lua filter, the traffic stream);
 - hotpath, no traffic stream: the same with ``--no-traffic-stream`` (the gRPC access log
-  off), to tell that cost from the filter's.
+  off), to tell that cost from the filter's;
+- the peers (control_plane/bench/peers.py, found in ``--peers-bin``): nginx ``hash
+  consistent``, vllm-router ``consistent_hash``, sglang-router ``cache_aware``, in front of
+  the same upstream; their CPU is their whole process tree's.
 
 Each with 1 KiB and 100 KiB chat bodies, with and without a session header: req/s with
 ``--connections`` connections, p50/p99 latency with one connection (added over direct),
@@ -22,6 +25,7 @@ and bare Envoy: the difference in Envoy CPU per request is the filter's time on 
 buffering and copy into Lua included); ``--only-8mib`` runs just that.
 
     .venv/bin/python benchmarks/gateway_cost.py [--duration 3] [--connections 8] [--only-8mib]
+        [--peers-bin ~/.hotpath-peers/bin] [--no-peers]
 
 The machine is shared by client, Envoy and upstream (2 cores here): compare the ratios of
 one run, not absolute figures across machines.
@@ -56,8 +60,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 from google.protobuf import json_format  # noqa: E402
 
 from control_plane import contract  # noqa: E402
+from control_plane.bench.peers import PEERS, find_peer, start_peer  # noqa: E402
+from control_plane.bench.strategies import Backend  # noqa: E402
 from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool  # noqa: E402
+from control_plane.errors import BenchError  # noqa: E402
 from control_plane.runtime import processes  # noqa: E402
+from control_plane.runtime.supervisor import ProcessGroup  # noqa: E402
 from control_plane.translate.resources import translate  # noqa: E402
 from control_plane.xds import types  # noqa: E402
 from tests.harness import Stack, make_stack, new_etcd, wait_for  # noqa: E402
@@ -118,15 +126,22 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 
 
 def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of every process below it (nginx's workers)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    total = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            total += sum(cpu_seconds(int(child)) for child in children.read_text().split())
+        except FileNotFoundError:  # a child that just ended
+            pass
+    return total
 
 
 @dataclass
 class Target:
     name: str
     url: str
-    envoy_pid: int | None = None
+    gateway_pid: int | None = None  # Envoy, or a peer's main process
     internal_headers: bool = False  # the client sets what the Lua filter would
     other_pids: tuple[int, ...] = ()  # control plane: its CPU is reported apart
 
@@ -203,7 +218,7 @@ def start_static_envoy(tmp: Path, name: str, upstream: int, lua: bool
 
 def body_file(tmp: Path, size: int) -> Path:
     """A chat body of ``size`` bytes, its first user message ASCII."""
-    shell = {"model": MODEL, "messages": [{"role": "user", "content": ""}]}
+    shell: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": ""}]}
     filler = size - len(json.dumps(shell))
     shell["messages"][0]["content"] = ("lorem ipsum dolor sit amet " * (filler // 27 + 1))[:filler]
     path = tmp / f"body-{size}.json"
@@ -223,7 +238,7 @@ def wrk(target: Target, body: Path, session: bool, connections: int, duration: i
             headers.append(f'wrk.headers["{contract.SESSION_HEADER}"] = "{SESSION}"')
     script = tmp / "wrk.lua"
     script.write_text(WRK_SCRIPT.format(body=body, headers="\n".join(headers)))
-    pids = ([target.envoy_pid] if target.envoy_pid else []) + list(target.other_pids)
+    pids = ([target.gateway_pid] if target.gateway_pid else []) + list(target.other_pids)
     before = [cpu_seconds(p) for p in pids]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s",
@@ -236,9 +251,24 @@ def wrk(target: Target, body: Path, session: bool, connections: int, duration: i
     requests = max(result["requests"], 1)
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     cpu = [(a - b) / requests * 1e6 for a, b in zip(after, before, strict=True)]
-    result["envoy_cpu_us"] = cpu[0] if target.envoy_pid else None
-    result["other_cpu_us"] = sum(cpu[1:]) if target.envoy_pid else sum(cpu)
+    result["envoy_cpu_us"] = cpu[0] if target.gateway_pid else None
+    result["other_cpu_us"] = sum(cpu[1:]) if target.gateway_pid else sum(cpu)
     return result
+
+
+async def start_peers(group: ProcessGroup, upstream: int, peers_bin: str | None
+                      ) -> list[Target]:
+    """Every peer found, in front of the upstream (one backend: the same as hotpath's)."""
+    targets = []
+    backends = [Backend("upstream", "127.0.0.1", upstream)]
+    for peer in PEERS:
+        binary = find_peer(peer, peers_bin)
+        if binary is None:
+            print(f"{peer.label}: not found, skipped ({peer.install})")
+            continue
+        url, child = await start_peer(group, peer, binary, backends, "cost")
+        targets.append(Target(peer.label, url, child.pid))
+    return targets
 
 
 async def hotpath_stack(tmp: Path, etcd_url: str, prefix: str, upstream: int,
@@ -269,6 +299,7 @@ async def main(args: argparse.Namespace) -> None:
         (tmp / "nginx-body").mkdir()
         children: list[subprocess.Popen[bytes]] = []
         stacks: list[Stack] = []
+        groups: list[ProcessGroup] = []
         etcd = None
         try:
             upstream, port, kind = start_upstream(tmp)
@@ -293,6 +324,10 @@ async def main(args: argparse.Namespace) -> None:
                 envoy_pid, cp_pid = pid_of(stack)
                 targets.append(Target(target_name, stack.url, envoy_pid, other_pids=(cp_pid,)))
             hotpath_target = targets[-len(stack_names)]
+            if not args.only_8mib and not args.no_peers:
+                group = ProcessGroup(tmp / "peers", error=BenchError)
+                groups.append(group)
+                targets += await start_peers(group, port, args.peers_bin)
             bodies = {} if args.only_8mib else {
                 "1 KiB": body_file(tmp, 1024), "100 KiB": body_file(tmp, 100 * 1024)}
             rows: list[dict[str, Any]] = []
@@ -318,6 +353,8 @@ async def main(args: argparse.Namespace) -> None:
                 eight[target.name] = wrk(target, big, False, 1, args.duration * 2, tmp)
             report(rows, eight, kind, args)
         finally:
+            for group in groups:
+                group.close()
             for stack in stacks:
                 stack.close()
             if etcd is not None:
@@ -332,12 +369,36 @@ def report(rows: list[dict[str, Any]], eight: dict[str, dict[str, Any]], kind: s
           f"{args.duration:g} s each; {os.cpu_count()} CPUs shared by all")
     if rows:
         report_rows(rows)
+        report_targets(rows)
     report_eight(eight)
+
+
+PEER_LABELS = tuple(peer.label for peer in PEERS)
+
+
+def report_targets(rows: list[dict[str, Any]]) -> None:
+    """#17's targets per body and session case: hotpath's req/s over vllm-router's, and its
+    added p99 against the better peer's + 0.5 ms."""
+    index = {(r["target"], r["body"], r["session"]): r for r in rows}
+    cases = sorted({(r["body"], r["session"]) for r in rows})
+    for body, session in cases:
+        hotpath, direct = index[("hotpath", body, session)], index[("direct", body, session)]
+        line = f"{body:7s} session {'yes' if session else 'no ':3s}"
+        router = index.get(("vllm-router consistent_hash", body, session))
+        if router:
+            line += f"  hotpath/vllm-router req/s {hotpath['rps'] / router['rps']:.2f}"
+        peers = [index[(label, body, session)] for label in PEER_LABELS
+                 if (label, body, session) in index]
+        if peers:
+            best = min(p["p99_us"] - direct["p99_us"] for p in peers)
+            line += (f"  added p99 hotpath {hotpath['p99_us'] - direct['p99_us']:.0f} us vs "
+                     f"best peer {best:.0f} + 500 us")
+        print(line)
 
 
 def report_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{'target':28s} {'body':7s} {'sess':4s} {'req/s':>7s} {'p50+us':>7s} "
-          f"{'p99+us':>7s} {'envoy us/req':>12s} {'cp us/req':>9s} "
+          f"{'p99+us':>7s} {'gw us/req':>12s} {'cp us/req':>9s} "
           f"{'rps/bare':>8s} {'cpu/bare':>8s} {'cpu/lua0':>8s}")
     index = {(r["target"], r["body"], r["session"]): r for r in rows}
     for row in rows:
@@ -368,6 +429,9 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=8,
                         help="connections of the throughput runs")
+    parser.add_argument("--peers-bin", default=os.environ.get("HOTPATH_BENCH_PEERS_BIN"),
+                        help="directory holding vllm-router / sglang-router / nginx")
+    parser.add_argument("--no-peers", action="store_true", help="skip nginx and the routers")
     parser.add_argument("--only-8mib", action="store_true",
                         help="only the 8 MiB first message (bare Envoy and hotpath): the "
                         "filter's cost on a large body, without the 1 KiB / 100 KiB matrix")
