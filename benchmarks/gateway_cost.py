@@ -377,8 +377,8 @@ PEER_LABELS = tuple(peer.label for peer in PEERS)
 
 
 def report_targets(rows: list[dict[str, Any]]) -> None:
-    """#17's targets per body and session case: hotpath's req/s over vllm-router's, and its
-    added p99 against the better peer's + 0.5 ms."""
+    """The targets per body and session case: hotpath's req/s over vllm-router's (>= 1.5),
+    and its added p99 against the best peer's + 0.5 ms."""
     index = {(r["target"], r["body"], r["session"]): r for r in rows}
     cases = sorted({(r["body"], r["session"]) for r in rows})
     for body, session in cases:
