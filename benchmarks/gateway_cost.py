@@ -8,7 +8,10 @@ PATH, else a tiny aiohttp server: the table says which):
 - bare Envoy: a static Envoy config generated from hotpath's own translation (same
   listener, routes, ring-hash cluster and hash policy), with the router only: the client
   sends the internal model/session headers the Lua filter would set;
-- empty Lua: the same, plus a Lua filter whose envoy_on_request does nothing;
+- empty Lua: the same, plus a Lua filter whose envoy_on_request does nothing; then one that
+  only reads the body (``body():getBytes``), one that also picks the route again on the
+  model header (``clearRouteCache`` + route metadata), and hotpath's own filter as rendered
+  for ECDS, static (no ADS, no traffic stream): the filter's cost step by step;
 - hotpath: etcd + control plane + Envoy (ADS, the ECDS Lua filter, the traffic stream);
 - hotpath, no traffic stream: the same with ``--no-traffic-stream`` (the gRPC access log
   off), to tell that cost from the filter's;
@@ -66,6 +69,7 @@ from control_plane.config.model import Config, Endpoint, GatewaySettings, Pool  
 from control_plane.errors import BenchError  # noqa: E402
 from control_plane.runtime import processes  # noqa: E402
 from control_plane.runtime.supervisor import ProcessGroup  # noqa: E402
+from control_plane.translate.listeners import LUA_FILTER_CONFIG_NAME  # noqa: E402
 from control_plane.translate.resources import translate  # noqa: E402
 from control_plane.xds import types  # noqa: E402
 from tests.harness import Stack, make_stack, new_etcd, wait_for  # noqa: E402
@@ -164,9 +168,33 @@ def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int, str]:
     return process, port, kind
 
 
-def static_bootstrap(listen: int, upstream: int, lua: bool, access_log: Path) -> str:
+# Static Lua filters between "empty" and hotpath's own, to split the filter's cost: the body
+# read alone; the body read and the route picked again on the model header, as hotpath does.
+BODY_LUA = """function envoy_on_request(handle)
+  local body = handle:body()
+  if body then
+    local bytes = body:getBytes(0, body:length())
+  end
+end
+"""
+REPICK_LUA = f"""function envoy_on_request(handle)
+  local body = handle:body()
+  if body then
+    local bytes = body:getBytes(0, body:length())
+  end
+  local headers = handle:headers()
+  headers:replace("{contract.MODEL_HEADER}", "{MODEL}")
+  handle:clearRouteCache()
+  local route = handle:metadata()
+  local pool = route and route:get("pool")
+end
+"""
+
+
+def static_bootstrap(listen: int, upstream: int, lua: str | None, access_log: Path) -> str:
     """hotpath's own listener, routes and cluster as a static config: routes inline, the
-    endpoint static, the Lua filter replaced by nothing (bare) or an empty one."""
+    endpoint static, the Lua filter replaced by nothing (bare), by ``lua`` (a source), or by
+    hotpath's own filter as it is rendered for ECDS (``"hotpath"``: no ADS, no stream)."""
     settings = GatewaySettings(listen_port=listen, access_log_path=str(access_log),
                                traffic_stream=False)
     config = Config(pools={"p": Pool("p", (MODEL,))},
@@ -181,10 +209,13 @@ def static_bootstrap(listen: int, upstream: int, lua: bool, access_log: Path) ->
     hcm.route_config.CopyFrom(routes)
     router = hcm.http_filters[-1]
     del hcm.http_filters[:]
-    if lua:
-        empty = lua_pb2.Lua(default_source_code=base_pb2.DataSource(
-            inline_string="function envoy_on_request(handle)\nend\n"))
-        hcm.http_filters.add(name="envoy.filters.http.lua").typed_config.Pack(empty)
+    if lua == "hotpath":
+        ecds = out[types.EXTENSION_CONFIG][LUA_FILTER_CONFIG_NAME]
+        hcm.http_filters.add(name="envoy.filters.http.lua").typed_config.CopyFrom(
+            ecds.typed_config)  # type: ignore[attr-defined]
+    elif lua is not None:
+        source = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=lua))
+        hcm.http_filters.add(name="envoy.filters.http.lua").typed_config.Pack(source)
     hcm.http_filters.append(router)
     logs = [log for log in hcm.access_log if log.typed_config.Is(file_pb2.FileAccessLog.DESCRIPTOR)]
     del hcm.access_log[:]
@@ -205,7 +236,7 @@ def static_bootstrap(listen: int, upstream: int, lua: bool, access_log: Path) ->
     return json_format.MessageToJson(bootstrap, preserving_proto_field_name=True)
 
 
-def start_static_envoy(tmp: Path, name: str, upstream: int, lua: bool
+def start_static_envoy(tmp: Path, name: str, upstream: int, lua: str | None
                        ) -> tuple[subprocess.Popen[bytes], Target]:
     listen = processes.free_port()
     path = tmp / f"{name}.json"
@@ -213,7 +244,9 @@ def start_static_envoy(tmp: Path, name: str, upstream: int, lua: bool
     process = processes.spawn(processes.envoy_command(path, tmp / f"{name}-admin.txt"),
                               tmp / f"{name}.log")
     wait_for(lambda: processes.port_open("127.0.0.1", listen), 30, f"{name} listener")
-    return process, Target(name, f"http://127.0.0.1:{listen}", process.pid, True)
+    # The client sets the headers hotpath's filter would set unless a filter that sets
+    # them (hotpath's own) runs.
+    return process, Target(name, f"http://127.0.0.1:{listen}", process.pid, lua != "hotpath")
 
 
 def body_file(tmp: Path, size: int) -> Path:
@@ -304,13 +337,18 @@ async def main(args: argparse.Namespace) -> None:
         try:
             upstream, port, kind = start_upstream(tmp)
             children.append(upstream)
-            bare, bare_target = start_static_envoy(tmp, "bare", port, lua=False)
+            bare, bare_target = start_static_envoy(tmp, "bare", port, lua=None)
             children.append(bare)
             targets = [Target("direct", f"http://127.0.0.1:{port}"), bare_target]
             if not args.only_8mib:
-                empty, empty_target = start_static_envoy(tmp, "empty-lua", port, lua=True)
-                children.append(empty)
-                targets.append(empty_target)
+                for name, source in (("empty-lua", "function envoy_on_request(handle)\nend\n"),
+                                     ("lua: body read", BODY_LUA),
+                                     ("lua: body + route re-pick", REPICK_LUA),
+                                     ("hotpath filter, static", "hotpath")):
+                    child, target = start_static_envoy(tmp, name.replace(" ", "-").replace(
+                        ":", "").replace(",", "").replace("+", "and"), port, source)
+                    children.append(child)
+                    targets.append(target)
             etcd = new_etcd(tmp)
             stack_names: list[tuple[str, list[str], str]] = [("hotpath", [], "hotpath")]
             if not args.only_8mib:
