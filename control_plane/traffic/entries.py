@@ -20,7 +20,7 @@ upstream byte was 1.8 ms (the headers); ``%COMMON_DURATION(DS_RX_BEG:US_RX_BODY_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from control_plane.contract import LUA_METADATA_NS
 
@@ -60,9 +60,9 @@ BODY_FORMAT = SEPARATOR.join(operator for _, operator in FIELDS)
 ABSENT = "-"
 
 
-@dataclass(frozen=True)
-class Observation:
-    """What one record says about one request to one upstream host."""
+class Observation(NamedTuple):
+    """What one record says about one request to one upstream host (a tuple: built for
+    every record, ~10,000 a second, where a frozen dataclass took ~4 us to build)."""
 
     stream: tuple[str, str]  # (Envoy node, stream id): the same on every record of a request
     pool: str  # the upstream cluster
