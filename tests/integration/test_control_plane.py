@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
 import pytest
 
+from control_plane.runtime.envoy_admin import fetch_json
 from tests.harness import Stack, Upstreams, async_wait_for, chat, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,6 +44,15 @@ async def mapping(session: aiohttp.ClientSession, stack: Stack, keys: list[str]
     return {key: await served_by(session, stack, key) for key in keys}
 
 
+def sessions_known(stack: Stack, pool: str, placed: dict[str, str]) -> bool:
+    """The control plane's /sessions has as many sessions on each host as ``placed``."""
+    view = fetch_json(f"http://127.0.0.1:{stack.control_plane.metrics_port}/sessions")
+    if not isinstance(view, dict):
+        return False
+    known = Counter(entry[1] for entry in (view.get(pool) or {}).values())
+    return known == Counter(placed.values())
+
+
 async def test_each_session_key_sticks_to_one_upstream_and_all_get_keys(
         stack: Stack, upstreams: Upstreams) -> None:
     await setup_pool(stack, upstreams, ["a", "b", "c"])
@@ -71,6 +82,10 @@ async def test_removing_or_adding_an_endpoint_moves_only_that_hosts_keys(
             if before[key] != "b":
                 assert after_remove[key] == before[key], f"{key} moved off a surviving host"
         assert set(after_remove.values()) == {"a", "c"}
+        # Pins keep the sessions the control plane knows (docs/affinity.md: one that served
+        # a turn within the last flush, ~1 s, is not known yet): wait until it knows them.
+        await asyncio.to_thread(wait_for, lambda: sessions_known(stack, "p1", after_remove),
+                                30, "the control plane to know every session's host")
 
         port = await upstreams.add("d")
         await stack.put("endpoints/p1/d", {"address": "127.0.0.1", "port": port})
