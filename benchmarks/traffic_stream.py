@@ -73,7 +73,6 @@ from tests.harness import (  # noqa: E402
     new_etcd,
     wait_for,
 )
-from tests.harness import start as harness_start  # noqa: E402
 
 POOL = "chat"
 ENDPOINTS = 100
@@ -508,16 +507,8 @@ class VariantControlPlane(ControlPlaneProcess):
 
     variant: str = "shipped"
 
-    def start(self) -> None:
-        command = [sys.executable, str(Path(__file__).resolve()), "--control-plane",
-                   self.variant, "control-plane",
-                   "--etcd", self.etcd.urls, "--prefix", self.etcd.prefix,
-                   "--xds", f"127.0.0.1:{self.xds_port}",
-                   "--listen", f"127.0.0.1:{self.listen_port}",
-                   "--access-log", str(self.access_log),
-                   "--metrics", f"127.0.0.1:{self.metrics_port}", *self.extra]
-        self.process = harness_start(command, self.log)
-        wait_for(lambda: processes.port_open("127.0.0.1", self.xds_port), 30, "xDS port")
+    def launcher(self) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--control-plane", self.variant]
 
 
 class Callgrind:

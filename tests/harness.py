@@ -121,8 +121,12 @@ class ControlPlaneProcess:
     process: subprocess.Popen[bytes] | None = None
     metrics_port: int = field(default_factory=processes.free_port)
 
+    def launcher(self) -> list[str]:
+        """The command line up to the ``control-plane`` subcommand."""
+        return [sys.executable, "-m", "control_plane", "-v"]
+
     def start(self) -> None:
-        command = [sys.executable, "-m", "control_plane", "-v", "control-plane",
+        command = [*self.launcher(), "control-plane",
                    "--etcd", self.etcd.urls, "--prefix", self.etcd.prefix,
                    "--xds", f"127.0.0.1:{self.xds_port}",
                    "--listen", f"127.0.0.1:{self.listen_port}",
