@@ -1,6 +1,7 @@
 """lua/hotpath.lua's decide(): statuses, session keys and the hash."""
 
 import json
+import random
 from collections import Counter
 from typing import Any
 
@@ -128,6 +129,13 @@ def test_hash_lanes_are_murmur3_and_short_xxh32(
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64) | st.binary(min_size=1000, max_size=1100))
 def test_hash_matches_reference(data: bytes) -> None:
+    assert M.hash(data) == ref_hash(data)
+
+
+@pytest.mark.parametrize("size", [65_533, 65_534, 65_535, 65_536, 65_539])
+def test_hash_matches_reference_on_prefix_sized_inputs(size: int) -> None:
+    # The capped prefix is hashed in one call: the word loop runs over the whole 64 KiB.
+    data = random.Random(size).randbytes(size)
     assert M.hash(data) == ref_hash(data)
 
 
