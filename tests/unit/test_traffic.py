@@ -3,6 +3,7 @@ scheduler acting on verdicts."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -27,7 +28,13 @@ from control_plane.prober import scheduler as sched
 from control_plane.prober.service import traffic_report
 from control_plane.traffic.entries import BODY_FORMAT, FIELDS, SEPARATOR, observe
 from control_plane.traffic.judge import judge, merge, percentile
-from control_plane.traffic.service import LOG_RECORDS, SCOPE_LOGS, SILENT_S, AccessLogServicer
+from control_plane.traffic.service import (
+    LOG_RECORDS,
+    SCOPE_LOGS,
+    SILENT_S,
+    YIELD_EVERY,
+    AccessLogServicer,
+)
 from control_plane.traffic.window import (
     LOW_RATE_HORIZON_S,
     LOW_RATE_SAMPLES,
@@ -373,3 +380,15 @@ def test_the_receiver_counts_each_envoy_and_its_silence_is_no_data() -> None:
     clock[0] += 2
     [endpoint] = servicer.report()["endpoints"]
     assert endpoint["covered_s"] == 2 and endpoint["requests"] == 1
+
+
+def test_the_receiver_gives_the_core_back_between_records(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    yields: list[int] = []
+    servicer = AccessLogServicer(TrafficWindow(window_s=10), lambda pool, address: "gpu-1",
+                                 clock=lambda: NOW)
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(len(yields)))
+    records = [entry(str(n), 100) for n in range(10 * YIELD_EVERY + 1)]
+    servicer.receive(export("envoy-a", *records))
+    assert len(yields) == 10
+    assert servicer.window.summary(NOW)[("chat", "10.0.0.1:8000")].requests == len(records)
