@@ -5,6 +5,8 @@ One run measures, against one static fast upstream (nginx ``return 200`` when ng
 PATH, else a tiny aiohttp server: the table says which):
 
 - direct: the client straight to the upstream (the latency baseline);
+- minimal Envoy: one route to a round-robin cluster, the router only, no access log (what
+  any Envoy costs here, whatever its config);
 - bare Envoy: a static Envoy config generated from hotpath's own translation (same
   listener, routes, ring-hash cluster and hash policy), with the router only: the client
   sends the internal model/session headers the Lua filter would set;
@@ -236,17 +238,45 @@ def static_bootstrap(listen: int, upstream: int, lua: str | None, access_log: Pa
     return json_format.MessageToJson(bootstrap, preserving_proto_field_name=True)
 
 
+def minimal_bootstrap(listen: int, upstream: int) -> str:
+    """The least an Envoy proxy does: one route to a round-robin cluster of the upstream, the
+    router filter only, no access log: Envoy's own floor per request on this machine."""
+    def address(port: int) -> dict[str, Any]:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network."
+                    "http_connection_manager.v3.HttpConnectionManager",
+           "stat_prefix": "minimal",
+           "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    return json.dumps({
+        "static_resources": {
+            "listeners": [{"name": "minimal", "address": address(listen), "filter_chains": [
+                {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                              "typed_config": hcm}]}]}],
+            "clusters": [{"name": "upstream", "type": "STATIC", "connect_timeout": "2s",
+                          "load_assignment": {"cluster_name": "upstream", "endpoints": [
+                              {"lb_endpoints": [{"endpoint": {"address": address(upstream)}}]}]}}],
+        },
+        "admin": {"address": address(0)},
+    })
+
+
 def start_static_envoy(tmp: Path, name: str, upstream: int, lua: str | None
                        ) -> tuple[subprocess.Popen[bytes], Target]:
+    """A static Envoy: ``lua`` as for static_bootstrap, or ``"minimal"`` (minimal_bootstrap)."""
     listen = processes.free_port()
     path = tmp / f"{name}.json"
-    path.write_text(static_bootstrap(listen, upstream, lua, tmp / f"{name}-access.log"))
+    path.write_text(minimal_bootstrap(listen, upstream) if lua == "minimal" else
+                    static_bootstrap(listen, upstream, lua, tmp / f"{name}-access.log"))
     process = processes.spawn(processes.envoy_command(path, tmp / f"{name}-admin.txt"),
                               tmp / f"{name}.log")
     wait_for(lambda: processes.port_open("127.0.0.1", listen), 30, f"{name} listener")
     # The client sets the headers hotpath's filter would set unless a filter that sets
-    # them (hotpath's own) runs.
-    return process, Target(name, f"http://127.0.0.1:{listen}", process.pid, lua != "hotpath")
+    # them (hotpath's own) runs, or no route reads them (minimal).
+    return process, Target(name, f"http://127.0.0.1:{listen}", process.pid,
+                           lua not in ("hotpath", "minimal"))
 
 
 def body_file(tmp: Path, size: int) -> Path:
@@ -341,7 +371,8 @@ async def main(args: argparse.Namespace) -> None:
             children.append(bare)
             targets = [Target("direct", f"http://127.0.0.1:{port}"), bare_target]
             if not args.only_8mib:
-                for name, source in (("empty-lua", "function envoy_on_request(handle)\nend\n"),
+                for name, source in (("minimal Envoy", "minimal"),
+                                     ("empty-lua", "function envoy_on_request(handle)\nend\n"),
                                      ("lua: body read", BODY_LUA),
                                      ("lua: body + route re-pick", REPICK_LUA),
                                      ("hotpath filter, static", "hotpath")):

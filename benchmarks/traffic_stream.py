@@ -21,7 +21,7 @@ Two parts, one run, on this machine; everything binds 127.0.0.1 and every loop i
    ``AccessLogServicer(TrafficWindow(), resolve)`` on a free port; a sender process (this
    file, ``--sender PORT RATE SECONDS``) sends OpenTelemetry exports shaped like Envoy's
    (records formatted from BODY_FORMAT, 100 upstream endpoints, periodic and final records,
-   ~16 KiB per export like Envoy's buffer) at ``--rate`` records/s for ``--seconds``. The
+   a buffer's worth per export like Envoy's) at ``--rate`` records/s for ``--seconds``. The
    receiver's CPU is time.process_time() summed over the exports. Then ``report()`` is
    called once and timed. The same exports are also fed to the servicer without gRPC
    (parse, then handler) to split the cost. ``--variant grpc-http`` is the gRPC HTTP
@@ -66,6 +66,10 @@ from control_plane.runtime import processes  # noqa: E402
 from control_plane.store.etcd import EtcdSettings  # noqa: E402
 from control_plane.traffic.entries import FIELDS, SEPARATOR  # noqa: E402
 from control_plane.traffic.service import LOG_RECORDS, SCOPE_LOGS, SERVICE  # noqa: E402
+from control_plane.translate.listeners import (  # noqa: E402
+    ACCESS_LOG_BUFFER_BYTES,
+    ACCESS_LOG_FLUSH_S,
+)
 from tests.harness import (  # noqa: E402
     ControlPlaneProcess,
     Stack,
@@ -76,8 +80,8 @@ from tests.harness import (  # noqa: E402
 
 POOL = "chat"
 ENDPOINTS = 100
-ENVOY_BUFFER_BYTES = 16384  # translate/listeners.py ACCESS_LOG_BUFFER_BYTES
-FLUSH_S = 1.0  # translate/listeners.py ACCESS_LOG_FLUSH_S
+ENVOY_BUFFER_BYTES = ACCESS_LOG_BUFFER_BYTES
+FLUSH_S = ACCESS_LOG_FLUSH_S
 
 
 def endpoint_address(index: int) -> tuple[str, int]:
@@ -135,8 +139,8 @@ def synthetic_records(count: int, seed: int = 7) -> list[Any]:
 
 
 def synthetic_exports(count: int, node: str = "bench-envoy") -> list[Any]:
-    """``count`` records batched ~16 KiB an export, with the resource attributes Envoy's
-    built-in labels give (node_name: which Envoy)."""
+    """``count`` records batched ENVOY_BUFFER_BYTES an export, with the resource attributes
+    Envoy's built-in labels give (node_name: which Envoy)."""
     records = synthetic_records(count)
     size = sum(r.ByteSize() for r in records[:200]) / min(200, len(records))
     batch = max(1, int(ENVOY_BUFFER_BYTES // size))

@@ -305,14 +305,14 @@ def _stream_config(settings: GatewaySettings) -> tuple[hcm_pb2.HttpConnectionMan
     return hcm, None
 
 
-def test_the_stream_formats_what_entries_reads_and_batches_16_kib() -> None:
+def test_the_stream_formats_what_entries_reads_and_batches_64_kib() -> None:
     hcm, stream = _stream_config(GatewaySettings())
     assert stream is not None
     assert stream.body.string_value == BODY_FORMAT
     assert BODY_FORMAT.count("%") == 2 * len(FIELDS)  # one operator per field
     assert not stream.disable_builtin_labels  # node_name: which Envoy sent it
     common = stream.common_config
-    assert common.buffer_size_bytes.value == ACCESS_LOG_BUFFER_BYTES == 16384
+    assert common.buffer_size_bytes.value == ACCESS_LOG_BUFFER_BYTES == 65536
     assert common.buffer_flush_interval.ToMilliseconds() == ACCESS_LOG_FLUSH_S * 1000
     assert hcm.access_log_options.access_log_flush_interval.ToMilliseconds() == 1000
 
