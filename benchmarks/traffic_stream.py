@@ -338,7 +338,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shipped": {},
     "grpc-http": {"listeners._access_logs": _grpc_http_access_logs},
     "buffer-8k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 8192},
-    "buffer-64k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 65536},
+    "buffer-16k": {"listeners.ACCESS_LOG_BUFFER_BYTES": 16384},
     "buffer-1m": {"listeners.ACCESS_LOG_BUFFER_BYTES": 1 << 20},
     "flush-0.25s": {"listeners.ACCESS_LOG_FLUSH_S": 0.25},
     "flush-2s": {"listeners.ACCESS_LOG_FLUSH_S": 2.0},

@@ -99,7 +99,9 @@ class Histogram(Family):
                  const_labels: Mapping[str, str] | None = None) -> None:
         super().__init__(name, "histogram", help, label_names, const_labels)
         self.buckets = tuple(buckets)
-        self.counts: dict[Labels, list[int]] = {}  # cumulative per bucket, then +Inf
+        # Per bucket, then above the last bound; cumulated when read (an observation
+        # touches one bucket).
+        self.counts: dict[Labels, list[int]] = {}
         self.sums: dict[Labels, float] = {}
 
     def declare(self, *labels: str) -> None:
@@ -114,8 +116,7 @@ class Histogram(Family):
         if counts is None:
             self.declare(*labels)
             counts = self.counts[key]
-        for i in range(bisect.bisect_left(self.buckets, value), len(counts)):
-            counts[i] += 1  # cumulative: every bucket whose bound is >= value, and +Inf
+        counts[bisect.bisect_left(self.buckets, value)] += 1  # the first bound >= value
         self.sums[key] += value
 
     def total(self, *labels: str) -> float:
@@ -123,8 +124,7 @@ class Histogram(Family):
         return self.sums.get(self.key(labels), 0.0)
 
     def count(self, *labels: str) -> int:
-        counts = self.counts.get(self.key(labels))
-        return counts[-1] if counts else 0
+        return sum(self.counts.get(self.key(labels), ()))
 
     def remove(self, predicate: dict[str, str]) -> None:
         for key in [k for k in self.counts if predicate.items() <= dict(k).items()]:
@@ -135,13 +135,14 @@ class Histogram(Family):
         out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         bounds = [_number(b) for b in self.buckets] + ["+Inf"]
         for key in sorted(self.counts):
-            counts = self.counts[key]
             labels = self.const_labels + key
-            for bound, count in zip(bounds, counts, strict=True):
+            total = 0
+            for bound, count in zip(bounds, self.counts[key], strict=True):
+                total += count  # Prometheus buckets are cumulative
                 le = 'le="' + bound + '"'
-                out.append(f"{self.name}_bucket{_labels(labels, le)} {count}")
+                out.append(f"{self.name}_bucket{_labels(labels, le)} {total}")
             out.append(f"{self.name}_sum{_labels(labels)} {_number(self.sums[key])}")
-            out.append(f"{self.name}_count{_labels(labels)} {counts[-1]}")
+            out.append(f"{self.name}_count{_labels(labels)} {total}")
         return out
 
 

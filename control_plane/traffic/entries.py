@@ -79,6 +79,8 @@ class Observation(NamedTuple):
 
 
 def _number(text: str) -> float | None:
+    if text.isdigit():  # what Envoy writes: whole milliseconds, bytes, a status code
+        return float(text)
     if text == ABSENT:
         return None
     try:
