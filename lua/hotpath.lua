@@ -671,13 +671,12 @@ end
 ---------------------------------------------------------------------------------------------
 -- Hash: 64 bits from two independent 32-bit functions over the same little-endian words:
 -- murmur3_x86_32 (seed 0) and XXH32's short-input path (seed 0; equal to XXH32 for inputs
--- under 16 bytes). `bit` works on signed 32-bit values; 32x32-bit products are split in
--- 16-bit halves so that every intermediate double stays exact. Whole words are read through an
--- FFI pointer and mixed in uint64_t cdata masked to 32 bits
--- (native integer multiplies): a 64 KiB prefix took 380 us in number arithmetic with
--- string.byte, 76 us this way (lupa's LuaJIT, os.clock over 200 calls); in Envoy, a 100 KiB
--- body without a session header (the prefix hash's input is 64 KiB) cost ~400 us of Envoy CPU
--- more than with one.
+-- under 16 bytes). Whole words are read through an FFI pointer and mixed in uint64_t cdata
+-- masked to 32 bits (native integer multiplies); the tail and the finalizers use `bit` on
+-- signed 32-bit numbers, where 32x32-bit products are split in 16-bit halves so that every
+-- intermediate double stays exact. Words in doubles took 380 us per 64 KiB prefix, 76 us in
+-- cdata (lupa's LuaJIT, 200 calls); in Envoy a 100 KiB body without a session header went
+-- from 803 to 519 us of Envoy CPU (benchmarks/gateway_cost.py's static filters).
 
 local function mul32(a, hi, lo)
   return tobit(a * lo + tobit(a * hi) * 65536)
