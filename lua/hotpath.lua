@@ -41,12 +41,13 @@ local SIMPLE_ESCAPES = {
 }
 local LITERALS = { [116] = "true", [102] = "false", [110] = "null" }
 local WS = { [32] = true, [9] = true, [10] = true, [13] = true }
-local DIGIT, HEX, PLAIN = {}, {}, {}
+local DIGIT, HEX, PLAIN, SIMPLE = {}, {}, {}, {}
 for c = 0, 255 do
   DIGIT[c] = c >= 48 and c <= 57
   HEX[c] = DIGIT[c] or (c >= 65 and c <= 70) or (c >= 97 and c <= 102)
   -- String content that needs no attention: not '"', '\', a control character or non-ASCII.
   PLAIN[c] = c >= 32 and c < 128 and c ~= 34 and c ~= 92
+  SIMPLE[c] = SIMPLE_ESCAPES[c] ~= nil -- the byte after '\' in a two-byte escape
 end
 
 local function skip_ws(s, i)
@@ -138,11 +139,19 @@ local function scan_string(s, i)
     while j + 8 <= len do
       local x = cast(WORDS, p + j)[0] -- unaligned loads: fine on x86-64 and arm64
       local m = band(bor(x - SPACES, bxor(x, QUOTES) - ONES, bxor(x, BACKSLASHES) - ONES), BIT7)
-      if m ~= 0ULL then
+      if m == 0ULL then
+        j = j + 8
+      else
         j = j + tonumber(rshift(rshift(band(m, -m), 7) * POSITIONS, 56)) -- the first non-PLAIN
-        break
+        -- Two-byte escapes stay in this loop (tool output in agent bodies has one every ~12
+        -- bytes): benchmarks/lua_extract.py "messages 1 MiB agent" 2585 -> 1927 us,
+        -- "responses 1 MiB agent" 2245 -> 1800 us; plain text unchanged.
+        if p[j] ~= 92 or not SIMPLE[p[j + 1]] then
+          break
+        end
+        escaped = true
+        j = j + 2
       end
-      j = j + 8
     end
     local c = p[j]
     while PLAIN[c] do -- only within the body's last 8 bytes
