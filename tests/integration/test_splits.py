@@ -148,6 +148,17 @@ def expected(table: dict[str, Any] | None, key: str) -> str:
     return str(table["arms"][int(table["slots"][slot(key)], 16)])
 
 
+async def routed_by(stacks: list[Stack], table: dict[str, Any] | None) -> None:
+    """Every Envoy has the table's slots in its routes: etcd holding a table is not yet
+    every Envoy picking arms by it."""
+    assert table is not None
+    for stack in stacks:
+        def applied(stack: Stack = stack) -> bool:
+            routes = stack.envoy.get("/config_dump?resource=dynamic_route_configs")
+            return f'"{table["slots"]}"'.encode() in routes
+        await asyncio.to_thread(wait_for, applied, 15, "the slot table in every Envoy")
+
+
 async def routable(session: aiohttp.ClientSession, stacks: list[Stack], model: str) -> None:
     for stack in stacks:
         await stack.wait_listener()
@@ -172,6 +183,7 @@ async def test_split_sticky_shares_and_weight_moves(stacks: list[Stack], servers
         await routable(session, stacks, "chat")
         table = await async_wait_for(lambda: stored_table(one, "chat"), 30, "first table")
         assert table["slots"] == "0" * 900 + "1" * 100  # the initial table: ranges
+        await routed_by(stacks, table)
         # 1,000 sessions x 3 turns, each turn through the other Envoy.
         turns = [await round_of(session, urls[turn % 2:] + urls[:turn % 2], "chat", keys)
                  for turn in range(3)]
@@ -204,6 +216,7 @@ async def test_split_sticky_shares_and_weight_moves(stacks: list[Stack], servers
         final = await async_wait_for(
             lambda: _with_count(one, "chat", "1", 200), ttl + 10, "the 80/20 table")
         assert final["slots"] == "0" * 800 + "1" * 200
+        await routed_by(stacks, final)
         after = await round_of(session, urls, "chat", keys)
         again = await round_of(session, urls[::-1], "chat", keys)  # the other Envoy each
         assert after == again
@@ -240,7 +253,9 @@ async def test_three_arms_total_weight_change_moves_only_shrinking(
         arms[2]["weight"] = 40  # total 100 -> 120: a and b shrink, c grows
         await one.put("splits/tri", {"arms": arms})
         # targets 417 / 250 / 333
-        await async_wait_for(lambda: _with_count(one, "tri", "2", 333), 15, "the new table")
+        table = await async_wait_for(lambda: _with_count(one, "tri", "2", 333), 15,
+                                     "the new table")
+        await routed_by(stacks, table)
         after = await round_of(session, urls[::-1], "tri", keys)
     moved = [key for key in keys if after[key] != before[key]]
     assert moved and all(before[k] in ("a", "b") and after[k] == "c" for k in moved)
