@@ -681,7 +681,7 @@ end
 -- Hash: 64 bits from two independent 32-bit functions over the same little-endian words:
 -- murmur3_x86_32 (seed 0) and XXH32's short-input path (seed 0; equal to XXH32 for inputs
 -- under 16 bytes). Whole words are read through an FFI pointer and mixed in uint64_t cdata
--- masked to 32 bits (native integer multiplies); the tail and the finalizers use `bit` on
+-- masked to 32 bits (native integer multiplies); the tail bytes and the finalizers use `bit` on
 -- signed 32-bit numbers, where 32x32-bit products are split in 16-bit halves so that every
 -- intermediate double stays exact. Words in doubles took 380 us per 64 KiB prefix, 76 us in
 -- cdata (lupa's LuaJIT, 200 calls); in Envoy a 100 KiB body without a session header went
@@ -702,33 +702,23 @@ local LOW32 = 0xffffffffULL
 -- h(s) = "h-" followed by 16 lowercase hex digits; deterministic in every LuaJIT.
 function M.hash(s)
   local len = #s
-  local h1 = 0
-  local h2 = tobit(0x165667b1 + len) -- XXH32: seed + PRIME5 + length
-  local i, words_end = 1, len - len % 4
-  if len >= 8 then
-    -- Written out, no helper calls: the JIT blacklists a small cdata helper whose own traces
-    -- keep aborting, and from then on every trace calling it aborts too (seen in Envoy after
-    -- many short keys: a 64 KiB hash then took ~50 ms, interpreted).
-    local p, a, b = cast(U32P, s), 0ULL, U64((0x165667b1 + len) % 4294967296)
-    for k = 0, len / 4 - 1 do -- a fractional limit: the loop stops at the last whole word
-      local w = p[k] + 0ULL
-      local m = band(w * 0xcc9e2d51ULL, LOW32)
-      m = band(band(bor(lshift(m, 15), rshift(m, 17)), LOW32) * 0x1b873593ULL, LOW32)
-      a = bxor(a, m)
-      a = band(bor(lshift(a, 13), rshift(a, 19)), LOW32)
-      a = band(a * 5ULL + 0xe6546b64ULL, LOW32)
-      b = band(b + w * 0xc2b2ae3dULL, LOW32)
-      b = band(band(bor(lshift(b, 17), rshift(b, 15)), LOW32) * 0x27d4eb2fULL, LOW32)
-    end
-    h1, h2, i = tobit(tonumber(a)), tobit(tonumber(b)), words_end + 1
+  local words_end = len - len % 4
+  -- Written out, no helper calls: the JIT blacklists a small cdata helper whose own traces
+  -- keep aborting, and from then on every trace calling it aborts too (seen in Envoy after
+  -- many short keys: a 64 KiB hash then took ~50 ms, interpreted).
+  -- a: murmur3 (seed 0); b: XXH32, seed + PRIME5 + length.
+  local p, a, b = cast(U32P, s), 0ULL, U64((0x165667b1 + len) % 4294967296)
+  for k = 0, len / 4 - 1 do -- a fractional limit: the loop stops at the last whole word
+    local w = p[k] + 0ULL
+    local m = band(w * 0xcc9e2d51ULL, LOW32)
+    m = band(band(bor(lshift(m, 15), rshift(m, 17)), LOW32) * 0x1b873593ULL, LOW32)
+    a = bxor(a, m)
+    a = band(bor(lshift(a, 13), rshift(a, 19)), LOW32)
+    a = band(a * 5ULL + 0xe6546b64ULL, LOW32)
+    b = band(b + w * 0xc2b2ae3dULL, LOW32)
+    b = band(band(bor(lshift(b, 17), rshift(b, 15)), LOW32) * 0x27d4eb2fULL, LOW32)
   end
-  while i <= words_end do
-    local a, b, c, d = byte(s, i, i + 3)
-    local w = bor(a, lshift(b, 8), lshift(c, 16), lshift(d, 24))
-    h1 = tobit(rol(bxor(h1, murmur_block(w)), 13) * 5 + 0xe6546b64)
-    h2 = mul32(rol(tobit(h2 + mul32(w, 0xc2b2, 0xae3d)), 17), 0x27d4, 0xeb2f)
-    i = i + 4
-  end
+  local h1, h2, i = tobit(tonumber(a)), tobit(tonumber(b)), words_end + 1
   local tail = 0
   for k = len, i, -1 do
     tail = bor(lshift(tail, 8), byte(s, k))

@@ -44,12 +44,12 @@ SILENT_S = DEFAULT_WINDOW_S
 _FIELDS = logs_pb2.ResourceLogs.DESCRIPTOR.fields_by_name
 SCOPE_LOGS = "scope_logs" if "scope_logs" in _FIELDS else "instrumentation_library_logs"
 LOG_RECORDS = ("log_records" if SCOPE_LOGS == "scope_logs" else "logs")
-# The receiver gives its core back every YIELD_EVERY records (~150 us of work): Envoy's
+# The receiver gives its core back every YIELD_EVERY records (~50 us of work): Envoy's
 # workers share the cores with the control plane (`hotpath up`, compose on one host), and a
-# worker woken behind an export of ~100 records otherwise waits for the scheduler's slice.
-# benchmarks/gateway_cost.py's 1-connection run, hotpath's added p99 (1 KiB, 2 cores, 3 runs
-# each): no yield 2.2-2.4 ms; every 32 records 1.05-1.17; every 8 0.83-0.94; every 4
-# 0.59-0.72; every record 0.60-0.78; without the stream 0.97.
+# worker woken behind an export (hundreds of records) otherwise waits for the scheduler's
+# slice. hotpath's added p99 at 1 connection (benchmarks/gateway_cost.py's stack and wrk
+# helpers, 16 KiB exports, 1 KiB, 2 cores, 3 runs each): no yield 2.2-2.4 ms; every 32
+# records 1.05-1.17; every 8 0.83-0.94; every 4 0.59-0.72; every record 0.60-0.78.
 YIELD_EVERY = 4
 
 

@@ -142,11 +142,11 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 # The access-log stream (measured: see _access_logs). An entry reaches the control plane
 # within ACCESS_LOG_FLUSH_S (buffer_flush_interval), or sooner when the worker's buffer fills.
 ACCESS_LOG_FLUSH_S = 1.0
-# buffer_size_bytes of each worker's logger (~400 records). The control plane's CPU per record
-# falls with bigger exports (fewer gRPC calls): benchmarks/gateway_cost.py's stack, wrk -c8,
-# 1 KiB, 3 runs each: 4 KiB 52-56 us per request, 16 KiB 42-48, 64 KiB 31-34; the added p99
-# at 1 connection was the same within the spread (0.69-1.08 ms). Below a buffer's worth of
-# records per second per worker, records go at the flush interval either way.
+# buffer_size_bytes of each worker's logger (~400 records). The control plane's CPU per
+# record falls with bigger exports (fewer gRPC calls): benchmarks/gateway_cost.py's stack and
+# wrk helpers, wrk -c8, 1 KiB, 3 runs each: 4 KiB 52-56 us per request, 16 KiB 42-48, 64 KiB
+# 31-34; the added p99 at 1 connection was the same within the spread (0.69-1.08 ms). Below
+# a buffer's worth of records per second per worker, records go at the flush interval.
 ACCESS_LOG_BUFFER_BYTES = 65536
 # access_log_flush_interval: an entry per request in flight, this often (None: none). Only
 # with the stream: the file log takes ended requests only, and the timer costs every request.
